@@ -1,0 +1,1 @@
+"""mc-pipeline: Mailchimp audiences into Ometria, as dynamically partitioned Dagster assets."""

@@ -1,0 +1,322 @@
+"""The sandbox's Mailchimp data: accounts, lists, members, queries and the mutations tests make.
+
+Members are stored pre-serialised (compact JSON bytes) with their query columns in flat arrays,
+so a page is a slice of a cached, ordered index plus a join of byte strings: the server spends
+its CPU on the wire, not on rebuilding dictionaries.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import orjson
+
+from mc_pipeline.sandbox.clock import SandboxClock
+from mc_pipeline.sandbox.config import Faults
+from mc_pipeline.sandbox.fields import Tree, project
+from mc_pipeline.sandbox.generate import STATUSES, MemberFactory, iso, member_id
+
+STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
+ARCHIVED = STATUS_CODE["archived"]
+DELETED = 255  # a member deleted permanently: gone from every listing
+SORT_FIELDS = ("timestamp_opt", "timestamp_signup", "last_changed")
+_PROJECTIONS_KEPT = 4
+
+
+class MailchimpError(Exception):
+    """An API error the server renders as application/problem+json."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(f"{status} {title}: {detail}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+def parse_time(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace(" ", "+"))  # a raw '+' in a query string decodes to ' '
+    except ValueError as exc:
+        raise MailchimpError(
+            400, "Invalid Resource", f"The value for {name} must be an ISO 8601 date-time: {value!r}."
+        ) from exc
+    if dt.tzinfo is None:
+        raise MailchimpError(400, "Invalid Resource", f"{name} needs a UTC offset, e.g. +00:00: {value!r}.")
+    return int(dt.timestamp())
+
+
+@dataclass(frozen=True)
+class MemberQuery:
+    status: str | None = None
+    since_last_changed: int | None = None
+    before_last_changed: int | None = None
+    sort_field: str | None = None
+    sort_dir: str = "ASC"
+
+
+class MailchimpList:
+    """One audience. Thread-safe: the server's loop and the test's thread both touch it."""
+
+    def __init__(
+        self,
+        account: MailchimpAccount,
+        list_id: str,
+        name: str,
+        factory: MemberFactory,
+        size: int,
+        created: int,
+        faults: Faults | None = None,
+    ) -> None:
+        self.account = account
+        self.id = list_id
+        self.name = name
+        self.web_id = int(list_id[:6], 16)
+        self.created = created
+        self.faults = faults
+        self.factory = factory
+        self._lock = threading.RLock()
+        self._docs: list[bytes] = []
+        self._ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._last_changed = array("q")
+        self._opt = array("q")
+        self._signup = array("q")
+        self._status = bytearray()
+        self._version = 0
+        self._snapshot: tuple[int, dict[str, np.ndarray]] | None = None
+        self._queries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._projections: OrderedDict[tuple[str, str], list[bytes | None]] = OrderedDict()
+        for i in range(size):
+            self._append(factory.make(i))
+
+    # ----------------------------------------------------------------- storage
+    def _append(self, member: dict[str, Any]) -> int:
+        slot = len(self._docs)
+        self._docs.append(orjson.dumps(member))
+        self._ids.append(member["id"])
+        self._index[member["id"]] = slot
+        self._last_changed.append(_ts(member["last_changed"]))
+        self._opt.append(_ts(member["timestamp_opt"]))
+        self._signup.append(_ts(member["timestamp_signup"]))
+        self._status.append(STATUS_CODE[member["status"]])
+        for cache in self._projections.values():
+            cache.append(None)
+        return slot
+
+    def _store(self, slot: int, member: dict[str, Any]) -> None:
+        self._docs[slot] = orjson.dumps(member)
+        self._last_changed[slot] = _ts(member["last_changed"])
+        self._opt[slot] = _ts(member["timestamp_opt"])
+        self._signup[slot] = _ts(member["timestamp_signup"])
+        self._status[slot] = STATUS_CODE[member["status"]]
+        for cache in self._projections.values():
+            cache[slot] = None
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._queries.clear()
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        if self._snapshot is None or self._snapshot[0] != self._version:
+            self._snapshot = (
+                self._version,
+                {
+                    "last_changed": np.array(self._last_changed, dtype=np.int64),
+                    "timestamp_opt": np.array(self._opt, dtype=np.int64),
+                    "timestamp_signup": np.array(self._signup, dtype=np.int64),
+                    "status": np.frombuffer(bytes(self._status), dtype=np.uint8),
+                },
+            )
+        return self._snapshot[1]
+
+    # ----------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        with self._lock:
+            return int(np.count_nonzero(self._arrays()["status"] != DELETED))
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            codes = np.bincount(self._arrays()["status"][self._arrays()["status"] != DELETED], minlength=6)
+        return {s: int(codes[i]) for i, s in enumerate(STATUSES)}
+
+    def select(self, q: MemberQuery) -> np.ndarray:
+        """Slots matching `q`, in the order the API pages them (cached until the next change)."""
+        key = (q.status, q.since_last_changed, q.before_last_changed, q.sort_field, q.sort_dir)
+        with self._lock:
+            hit = self._queries.get(key)
+            if hit is not None:
+                self._queries.move_to_end(key)
+                return hit
+            cols = self._arrays()
+            status = cols["status"]
+            if q.status is None:  # as on the real API, archived members only when asked for
+                mask = (status != DELETED) & (status != ARCHIVED)
+            else:
+                mask = status == STATUS_CODE[q.status]
+            lc = cols["last_changed"]
+            if q.since_last_changed is not None:
+                mask &= lc > q.since_last_changed  # excludes the exact instant
+            if q.before_last_changed is not None:
+                mask &= lc <= q.before_last_changed  # includes it
+            slots = np.flatnonzero(mask)
+            if q.sort_field is not None:
+                keys = cols[q.sort_field][slots]
+                if q.sort_dir == "DESC":
+                    keys = -keys
+                slots = slots[np.argsort(keys, kind="stable")]  # ties keep insertion order
+            self._queries[key] = slots
+            if len(self._queries) > 32:
+                self._queries.popitem(last=False)
+            return slots
+
+    def serialized(self, slots: Sequence[int], fields: Tree | None, excluded: Tree | None) -> list[bytes]:
+        """Each member's JSON under a projection, cached per projection: pages of a sync reuse it."""
+        with self._lock:
+            if fields is None and excluded is None:
+                docs = self._docs
+                return [docs[s] for s in slots]
+            key = (orjson.dumps(fields).decode(), orjson.dumps(excluded).decode())
+            cache = self._projections.get(key)
+            if cache is None:
+                cache = [None] * len(self._docs)
+                self._projections[key] = cache
+                if len(self._projections) > _PROJECTIONS_KEPT:
+                    self._projections.popitem(last=False)
+            else:
+                self._projections.move_to_end(key)
+            out = []
+            for s in slots:
+                b = cache[s]
+                if b is None:
+                    b = orjson.dumps(project(orjson.loads(self._docs[s]), fields, excluded))
+                    cache[s] = b
+                out.append(b)
+            return out
+
+    def get(self, key: str) -> dict[str, Any]:
+        """A member by subscriber hash or email address, as the real endpoint accepts both."""
+        with self._lock:
+            slot = self._slot(key)
+            return orjson.loads(self._docs[slot])
+
+    def members(self, *, include_archived: bool = True) -> list[dict[str, Any]]:
+        """Every member (tests compare this with what reached Ometria)."""
+        with self._lock:
+            status = self._arrays()["status"]
+            keep = (status != DELETED) if include_archived else ((status != DELETED) & (status != ARCHIVED))
+            return [orjson.loads(self._docs[s]) for s in np.flatnonzero(keep)]
+
+    def _slot(self, key: str) -> int:
+        mid = key if len(key) == 32 and "@" not in key else member_id(key)
+        slot = self._index.get(mid)
+        if slot is None or self._status[slot] == DELETED:
+            raise MailchimpError(404, "Resource Not Found", "The requested resource could not be found.")
+        return slot
+
+    # ----------------------------------------------------------------- changes
+    def add(
+        self,
+        email: str,
+        *,
+        status: str = "subscribed",
+        merge_fields: dict[str, Any] | None = None,
+        clock: SandboxClock,
+    ) -> dict[str, Any]:
+        now = clock.now_s()
+        with self._lock:
+            mid = member_id(email)
+            if mid in self._index and self._status[self._index[mid]] != DELETED:
+                raise MailchimpError(400, "Member Exists", f"{email} is already a list member.")
+            member = self.factory.make(len(self._docs), email=email, status=status)
+            if merge_fields is not None:
+                member["merge_fields"] = {**member["merge_fields"], **merge_fields}
+                _sync_full_name(member)
+            member["timestamp_signup"] = iso(now)
+            member["timestamp_opt"] = iso(now) if status == "subscribed" else ""
+            member["last_changed"] = iso(now)
+            if mid in self._index:  # re-added after a permanent delete
+                self._store(self._index[mid], member)
+            else:
+                self._append(member)
+            self._changed()
+            return member
+
+    def update(
+        self,
+        key: str,
+        *,
+        clock: SandboxClock,
+        status: str | None = None,
+        merge_fields: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        now = clock.now_s()
+        with self._lock:
+            slot = self._slot(key)
+            member = orjson.loads(self._docs[slot])
+            if merge_fields:
+                member["merge_fields"] = {**member["merge_fields"], **merge_fields}
+                _sync_full_name(member)
+            for name, value in fields.items():
+                if name in ("id", "email_address", "list_id", "last_changed"):
+                    raise ValueError(f"{name} cannot be changed through update()")
+                member[name] = value
+            if status is not None:
+                if status not in STATUS_CODE:
+                    raise MailchimpError(400, "Invalid Resource", f"Unknown status {status!r}.")
+                member["status"] = status
+                if status == "unsubscribed":
+                    member.setdefault("unsubscribe_reason", "N/A (Unsubscribed by admin)")
+                elif status == "subscribed":
+                    member["timestamp_opt"] = iso(now)
+                    member.pop("unsubscribe_reason", None)
+            member["last_changed"] = iso(now)
+            self._store(slot, member)
+            self._changed()
+            return member
+
+    def delete_permanently(self, key: str) -> None:
+        with self._lock:
+            slot = self._slot(key)
+            self._status[slot] = DELETED
+            for cache in self._projections.values():
+                cache[slot] = None
+            self._changed()
+
+
+def _ts(value: str) -> int:
+    return int(datetime.fromisoformat(value).timestamp()) if value else -1
+
+
+def _sync_full_name(member: dict[str, Any]) -> None:
+    mf = member["merge_fields"]
+    member["full_name"] = f"{mf.get('FNAME', '')} {mf.get('LNAME', '')}".strip()
+
+
+@dataclass
+class MailchimpAccount:
+    """One API key's account. Requests in flight are counted here, per key."""
+
+    client_id: str
+    api_key: str
+    dc: str
+    lists: dict[str, MailchimpList] = field(default_factory=dict)
+    revoked: bool = False
+
+    def list(self, list_id: str) -> MailchimpList:
+        try:
+            return self.lists[list_id]
+        except KeyError:
+            raise MailchimpError(404, "Resource Not Found", "The requested resource could not be found.") from None
+
+    def ordered_lists(self) -> Iterable[MailchimpList]:
+        return sorted(self.lists.values(), key=lambda x: (x.created, x.id))

@@ -1,0 +1,180 @@
+"""The sandbox's Ometria: the push endpoint's validation, upsert store, rate and backlog limits."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from mc_pipeline.sandbox.config import OmetriaSettings
+
+OPTIN_VALUES = frozenset({"EXPLICITLY_OPTEDIN", "NOT_SPECIFIED", "EXPLICITLY_OPTEDOUT"})
+TIMESTAMP_FIELDS = ("timestamp_acquired", "timestamp_subscribed", "timestamp_unsubscribed")
+# Deliberately strict on shape, lenient on characters: one @, a dotted domain, no spaces.
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$")
+
+
+class PushRejected(Exception):
+    """A whole request refused with 400 (malformed body, too many records, mixed types, too large)."""
+
+
+@dataclass
+class OmetriaAccount:
+    client_id: str
+    api_key: str
+    settings: OmetriaSettings
+    contacts: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # collection -> id -> rec
+    errors: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=100))
+    writes: int = 0  # records written, counting rewrites of the same id
+    revoked: bool = False
+    _arrivals: deque[float] = field(default_factory=deque)
+    _backlog: float = 0.0
+    _backlog_at: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ limits
+    def admit(self, now: float | None = None) -> float | None:
+        """Count a request against the sliding one-second window; seconds to wait if over it."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            window = self._arrivals
+            while window and now - window[0] >= 1.0:
+                window.popleft()
+            if len(window) >= self.settings.rate_per_second:
+                return max(0.0, 1.0 - (now - window[0]))
+            window.append(now)
+            return None
+
+    def backlog(self, now: float | None = None) -> int:
+        """Records still queued for processing; the queue drains at `drain_per_second`."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._backlog = max(0.0, self._backlog - (now - self._backlog_at) * self.settings.drain_per_second)
+            self._backlog_at = now
+            return int(self._backlog)
+
+    def enqueue(self, n: int) -> bool:
+        """Room for `n` more records in the backlog? Takes it if so."""
+        current = self.backlog()
+        with self._lock:
+            if current + n > self.settings.backlog_limit:
+                return False
+            self._backlog += n
+            return True
+
+    # ------------------------------------------------------------------ writes
+    def push(self, records: list[Any]) -> tuple[int, int]:
+        """Validate each record and upsert the good ones. Returns (accepted, rejected)."""
+        accepted = rejected = 0
+        with self._lock:
+            for i, record in enumerate(records):
+                problem = validate_contact(record)
+                if problem is not None:
+                    rejected += 1
+                    message, path = problem
+                    self.errors.append({"error_message": message, "error_path": f"[{i}]{path}"})
+                    continue
+                collection = record.get("@collection", "default")
+                store = self.contacts.setdefault(collection, {})
+                clean = {k: v for k, v in record.items() if k != "@merge"}
+                previous = store.get(record["id"])
+                if record.get("@merge") and previous is not None:
+                    merged = {**previous, **clean}
+                    if isinstance(previous.get("properties"), dict) and isinstance(clean.get("properties"), dict):
+                        merged["properties"] = {**previous["properties"], **clean["properties"]}
+                    clean = merged
+                store[record["id"]] = clean
+                self.writes += 1
+                accepted += 1
+        return accepted, rejected
+
+    def snapshot(self, collection: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        with self._lock:
+            if collection is not None:
+                return {collection: dict(self.contacts.get(collection, {}))}
+            return {c: dict(recs) for c, recs in self.contacts.items()}
+
+    def reset(self) -> None:
+        with self._lock:
+            self.contacts.clear()
+            self.errors.clear()
+            self.writes = 0
+            self._arrivals.clear()
+            self._backlog = 0.0
+
+
+def check_batch(body: Any, settings: OmetriaSettings, raw_records: list[bytes] | None = None) -> list[Any]:
+    """Request-level rules: a JSON array of 1..100 records of one @type, each under the size limit."""
+    if not isinstance(body, list):
+        raise PushRejected("Payload invalid: the body must be a JSON array of records.")
+    if not body:
+        raise PushRejected("Payload invalid: the array holds no records.")
+    if len(body) > settings.max_records:
+        raise PushRejected(f"Payload invalid: {len(body)} records in one request; the limit is {settings.max_records}.")
+    types = {r.get("@type") if isinstance(r, dict) else None for r in body}
+    if len(types) > 1:
+        raise PushRejected(f"Payload invalid: records of mixed @type {sorted(map(str, types))}; send one type.")
+    if raw_records is not None:
+        for i, raw in enumerate(raw_records):
+            if len(raw) > settings.max_record_bytes:
+                raise PushRejected(f"Payload invalid: Record is too large. (record [{i}], {len(raw)} bytes)")
+    return body
+
+
+def validate_contact(record: Any) -> tuple[str, str] | None:
+    """(message, path) for the first problem of a contact record, None if it is valid."""
+    if not isinstance(record, dict):
+        return "Record must be an object", ""
+    if record.get("@type") != "contact":
+        return f"Unsupported @type {record.get('@type')!r}; expected 'contact'", ".@type"
+    rid = record.get("id")
+    if not isinstance(rid, str) or not rid.strip():
+        return "Field 'id' is required and must be a non-empty string", ".id"
+    collection = record.get("@collection", "default")
+    if not isinstance(collection, str) or not collection:
+        return "Field '@collection' must be a non-empty string", ".@collection"
+    email = record.get("email")
+    if email is not None and (not isinstance(email, str) or not _EMAIL.match(email)):
+        return f"Field 'email' is not a valid email address: {str(email)[:80]!r}", ".email"
+    if email is None and record.get("customer_id") is None:
+        return "A contact needs an 'email' or a 'customer_id'", ".email"
+    optin = record.get("marketing_optin")
+    if optin is not None and optin not in OPTIN_VALUES:
+        return f"Field 'marketing_optin' must be one of {sorted(OPTIN_VALUES)}, not {optin!r}", ".marketing_optin"
+    for name in TIMESTAMP_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not _is_iso8601(value):
+            return f"Field '{name}' must be an ISO 8601 timestamp, not {str(value)[:40]!r}", f".{name}"
+    dob = record.get("date_of_birth")
+    if dob is not None and (not isinstance(dob, str) or not _is_date(dob)):
+        return f"Field 'date_of_birth' must be YYYY-MM-DD, not {str(dob)[:40]!r}", ".date_of_birth"
+    props = record.get("properties")
+    if props is not None and not isinstance(props, dict):
+        return "Field 'properties' must be an object", ".properties"
+    for name in ("firstname", "lastname", "phone_number", "country_id", "customer_id"):
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"Field '{name}' must be a string", f".{name}"
+    return None
+
+
+def _is_iso8601(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return "T" in value
+
+
+def _is_date(value: str) -> bool:
+    try:
+        datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
