@@ -1,0 +1,95 @@
+"""`mc-pipeline`: the sandbox, the demo, and partition management."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _sandbox_config(args: argparse.Namespace):  # -> SandboxConfig (import kept lazy for start-up speed)
+    from mc_pipeline.sandbox import Faults, Latency, SandboxConfig
+
+    if args.config:
+        config = SandboxConfig.from_yaml(args.config)
+    else:
+        sizes = [int(x) for x in str(args.members).split(",") if x]
+        config = SandboxConfig.generated(clients=args.clients, lists_per_client=args.lists, members=sizes)
+    overrides = {"host": args.host, "seed": args.seed}
+    if args.port is not None:
+        overrides["port"] = args.port
+    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if args.mc_latency_ms is not None or args.mc_per_kb_ms is not None:
+        config.mailchimp.latency = Latency(base_ms=args.mc_latency_ms or 0, per_kb_ms=args.mc_per_kb_ms or 0)
+    if args.om_latency_ms is not None:
+        config.ometria.latency = Latency(base_ms=args.om_latency_ms)
+    if args.error_rate or args.drop_rate or args.truncate_rate:
+        rates = Faults(error_rate=args.error_rate, drop_rate=args.drop_rate, truncate_rate=args.truncate_rate)
+        config.mailchimp.faults = rates
+        config.ometria.faults = rates
+    return config
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from mc_pipeline.sandbox import serve_forever
+    from mc_pipeline.sandbox.registry import write_pipeline_files
+
+    config = _sandbox_config(args)
+    port = config.port or 8080
+    config = config.model_copy(update={"port": port})
+    public = args.public_url or f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '') else config.host}:{port}"
+    if args.write_registry:
+        write_pipeline_files(
+            config, public, Path(args.write_registry), Path(args.write_env) if args.write_env else None
+        )
+        print(f"registry written to {args.write_registry}" + (f", keys to {args.write_env}" if args.write_env else ""))
+    total = sum(spec.members for acc in config.accounts for spec in acc.lists)
+    print(
+        f"sandbox on {public}: Mailchimp {public}/3.0, Ometria {public}/v2, admin {public}/_sandbox "
+        f"({len(config.accounts)} clients, {sum(len(a.lists) for a in config.accounts)} lists, {total} members)",
+        flush=True,
+    )
+    serve_forever(config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mc-pipeline", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sb = sub.add_parser("sandbox", help="run the local Mailchimp + Ometria sandbox in the foreground")
+    sb.add_argument("--config", help="sandbox YAML (accounts, lists, latency, faults); flags override it")
+    sb.add_argument("--host", default=None, help="default 127.0.0.1")
+    sb.add_argument("--port", type=int, default=None, help="default 8080")
+    sb.add_argument("--seed", type=int, default=None)
+    sb.add_argument("--clients", type=int, default=1)
+    sb.add_argument("--lists", type=int, default=2, help="lists per client")
+    sb.add_argument("--members", default="20000,100000", help="list sizes, cycled over each client's lists")
+    sb.add_argument("--mc-latency-ms", type=float, default=None, help="Mailchimp base latency per request")
+    sb.add_argument("--mc-per-kb-ms", type=float, default=None, help="Mailchimp latency per KiB served")
+    sb.add_argument("--om-latency-ms", type=float, default=None, help="Ometria latency per push")
+    sb.add_argument("--error-rate", type=float, default=0.0, help="share of 500/503 answers")
+    sb.add_argument("--drop-rate", type=float, default=0.0, help="share of dropped connections")
+    sb.add_argument("--truncate-rate", type=float, default=0.0, help="share of cut JSON bodies")
+    sb.add_argument("--public-url", help="URL clients use to reach this sandbox (for --write-registry)")
+    sb.add_argument("--write-registry", help="write a client registry pointing at this sandbox")
+    sb.add_argument("--write-env", help="write the sandbox keys as an env file (mode 600)")
+    sb.set_defaults(func=cmd_sandbox)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Clients and their lists: which partitions exist and whose credentials each one uses.
+
+The registry holds references to secrets (an environment variable or a file), never the
+secrets. The pipeline only sees the `ClientRegistry` protocol, so a database table can replace
+the YAML file without touching the assets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+CLIENT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
+LIST_ID_RE = re.compile(r"^[0-9a-f]{10}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAILCHIMP_KEY_RE = re.compile(r"^[0-9a-f]{32}-([a-z]+[0-9]+)$")
+
+ClientId = Annotated[str, Field(pattern=CLIENT_ID_RE.pattern, description="lower-case slug")]
+ListId = Annotated[str, Field(pattern=LIST_ID_RE.pattern, description="Mailchimp list id: 10 hex digits")]
+
+
+class RegistryError(ValueError):
+    """A registry that cannot be used; the message names the file, line, client and field."""
+
+
+class SecretError(RuntimeError):
+    """A secret reference that cannot be resolved; names the reference, never a value."""
+
+
+class SecretRef(BaseModel):
+    """Where a key lives: `{env: NAME}` or `{file: /run/secrets/name}`. Exactly one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str | None = Field(None, pattern=ENV_NAME_RE.pattern)
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' (a variable name) or 'file' (a path)")
+        return self
+
+    def describe(self) -> str:
+        return f"environment variable {self.env}" if self.env else f"secret file {self.file}"
+
+    def resolve(self) -> SecretStr:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise SecretError(f"{self.describe()} is not set")
+        else:
+            path = Path(self.file or "")
+            try:
+                value = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SecretError(f"{self.describe()} cannot be read ({exc.strerror})") from None
+            if not value:
+                raise SecretError(f"{self.describe()} is empty")
+        return SecretStr(value)
+
+
+def _http_url(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
+        raise ValueError("must be an http(s) URL")
+    return v.rstrip("/") if v else v
+
+
+class MailchimpAccount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_key: SecretRef
+    base_url: str | None = Field(None, description="overrides the datacenter URL, e.g. the sandbox's")
+    max_connections: int = Field(10, ge=1, le=10, description="Mailchimp allows 10 simultaneous per account")
+
+    _url = field_validator("base_url")(lambda v: _http_url(v))
+
+
+class OmetriaAccount(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_key: SecretRef
+    base_url: str | None = None
+    requests_per_second: float = Field(8.0, gt=0, le=8.0, description="Ometria's push limit per account")
+
+    _url = field_validator("base_url")(lambda v: _http_url(v))
+
+
+class Client(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: ClientId
+    mailchimp: MailchimpAccount
+    ometria: OmetriaAccount
+    lists: list[ListId] | Literal["all"]
+    collection_prefix: str = Field("mailchimp", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+
+    @field_validator("lists")
+    @classmethod
+    def _unique(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list):
+            dupes = sorted({x for x in v if v.count(x) > 1})
+            if dupes:
+                raise ValueError(f"list ids repeated: {dupes}")
+        return v
+
+    def collection(self, list_id: str) -> str:
+        """Ometria `@collection` for one Mailchimp list: one collection per client list."""
+        return f"{self.collection_prefix}-{list_id}"
+
+    @property
+    def account_tag(self) -> str:
+        """A non-secret name of the Mailchimp account, for run tags and concurrency limits."""
+        return f"{self.id}"
+
+
+class RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clients: list[Client]
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> RegistryFile:
+        seen: set[str] = set()
+        for c in self.clients:
+            if c.id in seen:
+                raise ValueError(f"client id {c.id!r} appears more than once")
+            seen.add(c.id)
+        return self
+
+
+# --------------------------------------------------------------------------- partition keys
+def partition_key(client_id: str, list_id: str) -> str:
+    return f"{client_id}:{list_id}"
+
+
+def parse_partition_key(key: str) -> tuple[str, str]:
+    """`acme:1a2d7ebf82` -> ("acme", "1a2d7ebf82"); refuses anything that is not exactly that shape."""
+    client_id, sep, list_id = key.partition(":")
+    if not sep or not CLIENT_ID_RE.match(client_id) or not LIST_ID_RE.match(list_id):
+        raise ValueError(
+            f"partition key {key[:120]!r} is not '<client_id>:<list_id>' "
+            "(client id: lower-case letters, digits and '-'; list id: 10 hex digits)"
+        )
+    return client_id, list_id
+
+
+# --------------------------------------------------------------------------- the interface
+class ClientRegistry(Protocol):
+    """What the pipeline needs of a registry; a database-backed one implements the same."""
+
+    def clients(self) -> list[Client]: ...
+
+    def client(self, client_id: str) -> Client: ...
+
+
+class YamlClientRegistry:
+    """The registry as a YAML file, validated whole on first use: one bad entry refuses the file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @cached_property
+    def _data(self) -> RegistryFile:
+        return load_registry_file(self.path)
+
+    def clients(self) -> list[Client]:
+        return list(self._data.clients)
+
+    def client(self, client_id: str) -> Client:
+        for c in self._data.clients:
+            if c.id == client_id:
+                return c
+        raise KeyError(f"client {client_id!r} is not in the registry {self.path}")
+
+    def __iter__(self) -> Iterator[Client]:
+        return iter(self._data.clients)
+
+
+def load_registry_file(path: Path) -> RegistryFile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the client registry ({exc.strerror})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {"clients": []}
+    try:
+        return RegistryFile.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryError(_describe(path, root, data, exc)) from None
+
+
+def _describe(path: Path, root: yaml.Node | None, data: object, exc: ValidationError) -> str:
+    """One line per problem: file:line, the client by id, the field path, and what is wrong."""
+    lines = []
+    errors = exc.errors(include_url=False, include_input=False)
+    union_branches = ("list[constrained-str]", "literal['all']")
+    for err in errors:
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p in union_branches)]
+        if err["type"] == "literal_error" and any(
+            e is not err and len(e["loc"]) > len(err["loc"]) and e["loc"][: len(loc)] == tuple(loc) for e in errors
+        ):
+            continue  # `lists: [...]` failed as a list; that it is not 'all' either is noise
+        line = _line_of(root, loc)
+        client = ""
+        if len(loc) >= 2 and loc[0] == "clients" and isinstance(loc[1], int) and isinstance(data, dict):
+            entries = data.get("clients") or []
+            entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+            cid = entry.get("id") if isinstance(entry, dict) else None
+            client = f" client {cid!r}" if cid else f" client #{loc[1] + 1}"
+            loc = loc[2:]
+        field = ".".join(str(p) for p in loc) or "(entry)"
+        where = f"{path}:{line}" if line else str(path)
+        lines.append(f"{where}:{client} field {field}: {err['msg']}")
+    return "invalid client registry:\n  " + "\n  ".join(lines)
+
+
+def _line_of(node: yaml.Node | None, loc: list[object]) -> int | None:
+    best = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+        if node is None:
+            break
+        best = node.start_mark.line + 1
+    return best
+
+
+def write_registry(path: Path, clients: list[dict[str, object]]) -> None:
+    """Write a registry file (the sandbox CLI and the demo use this)."""
+    RegistryFile.model_validate({"clients": clients})  # never write what we would refuse to read
+    path.write_text(yaml.safe_dump({"clients": clients}, sort_keys=False), encoding="utf-8")
