@@ -10,14 +10,21 @@ from pathlib import Path
 
 
 def _sandbox_config(args: argparse.Namespace):  # -> SandboxConfig (import kept lazy for start-up speed)
+    import yaml
+
     from mc_pipeline.sandbox import Faults, Latency, SandboxConfig
 
+    # The seed goes in before validation: keys and list ids that are not given derive from it.
     if args.config:
-        config = SandboxConfig.from_yaml(args.config)
+        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        if args.seed is not None:
+            data["seed"] = args.seed
+        config = SandboxConfig.model_validate(data)
     else:
         sizes = [int(x) for x in str(args.members).split(",") if x]
-        config = SandboxConfig.generated(clients=args.clients, lists_per_client=args.lists, members=sizes)
-    overrides = {"host": args.host, "seed": args.seed}
+        seed = 42 if args.seed is None else args.seed
+        config = SandboxConfig.generated(clients=args.clients, lists_per_client=args.lists, members=sizes, seed=seed)
+    overrides = {"host": args.host}
     if args.port is not None:
         overrides["port"] = args.port
     config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})

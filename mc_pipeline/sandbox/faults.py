@@ -62,7 +62,9 @@ class FaultPlan:
                 if queue:
                     kind = queue.popleft()
                     self.injected[kind] = self.injected.get(kind, 0) + 1
-                    return kind, self._rates.get(target) or Faults()
+                    # Delays come from the most specific target that has settings, else the server's.
+                    timing = next((self._rates[t] for t in targets if t in self._rates), Faults())
+                    return kind, timing
             for target in targets:
                 rates = self._rates.get(target)
                 if rates is None:

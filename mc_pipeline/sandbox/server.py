@@ -75,8 +75,10 @@ class SandboxState:
         self.om_by_key: dict[str, OmetriaAccount] = {}
         self.om_by_client: dict[str, OmetriaAccount] = {}
         self.lists: dict[str, MailchimpList] = {}
-        # Generated members end a day before start-up so a run's window includes all of them.
-        epoch = self.clock.now_s() - 86400
+        # Generated members end at least a day before start-up so a run's window includes all of
+        # them. The epoch is a UTC midnight, not the start-up second: two sandboxes with the same
+        # seed started the same day serve identical members, timestamps included.
+        epoch = self.clock.now_s() // 86400 * 86400 - 86400
         for acc in config.accounts:
             assert acc.mailchimp_key and acc.ometria_key  # filled by the config's validator
             mc = MailchimpAccount(client_id=acc.client_id, api_key=acc.mailchimp_key, dc=acc.dc)
@@ -196,8 +198,8 @@ def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | Non
                 elif account.revoked:
                     reply = problem(403, "User Disabled", "This account has been disabled.")
                 else:
-                    entered = True
-                    if state.stats.enter(label) > settings.max_in_flight:
+                    entered = state.stats.try_enter(label, settings.max_in_flight)
+                    if not entered:
                         reply = problem(
                             429,
                             "Too Many Requests",
@@ -223,6 +225,9 @@ def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | Non
             except DroppedConnection:
                 _record(state, label, request, route, 0, 0, started, fault)
                 return web.Response()  # never sent: the transport is gone
+            except asyncio.CancelledError:  # the client gave up (e.g. its timeout) before the answer
+                _record(state, label, request, route, 0, 0, started, fault)
+                raise
             finally:
                 if entered:
                     state.stats.leave(label)
@@ -483,6 +488,9 @@ async def om_push(request: web.Request) -> web.StreamResponse:
     except DroppedConnection:
         _record(state, label, request, "/v2/push", 0, 0, started, fault, len(raw))
         return web.Response()  # never sent: the transport is gone
+    except asyncio.CancelledError:  # the client gave up (e.g. its timeout) before the answer
+        _record(state, label, request, "/v2/push", 0, 0, started, fault, len(raw))
+        raise
     finally:
         state.stats.leave(label)
 

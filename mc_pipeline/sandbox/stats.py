@@ -71,6 +71,20 @@ class Stats:
             s.peak_in_flight = max(s.peak_in_flight, s.in_flight)
             return s.in_flight
 
+    def try_enter(self, label: str, limit: int) -> bool:
+        """Admit one more request for `label` unless `limit` are already in flight.
+
+        A refused request is not counted: it neither holds a slot while its 429 is written nor
+        shows in `peak_in_flight`, which therefore never exceeds the limit.
+        """
+        with self._lock:
+            s = self._keys.setdefault(label, KeyStats())
+            if s.in_flight >= limit:
+                return False
+            s.in_flight += 1
+            s.peak_in_flight = max(s.peak_in_flight, s.in_flight)
+            return True
+
     def leave(self, label: str) -> None:
         with self._lock:
             self._keys[label].in_flight -= 1

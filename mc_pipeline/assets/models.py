@@ -1,0 +1,72 @@
+"""What one step hands the next: small descriptors of files on disk, stored as JSON by the IO manager."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Window(_Model):
+    """`since_last_changed` (exclusive; None for a full sync) and `before_last_changed` (inclusive)."""
+
+    since: datetime | None
+    before: datetime
+    full_refresh: bool
+
+    def describe(self) -> str:
+        start = self.since.isoformat() if self.since else "the beginning"
+        return f"({start}, {self.before.isoformat()}]"
+
+
+class RunFiles(_Model):
+    partition: str
+    client_id: str
+    list_id: str
+    run_id: str
+    folder: str
+    window: Window
+
+
+class PageSet(_Model):
+    run: RunFiles
+    total_items: int  # as Mailchimp reported it for the window
+    pages: int
+    members: int
+
+
+class StagedMembers(_Model):
+    run: RunFiles
+    total_items: int
+    path: str
+    rows: int
+    duplicates: int
+    dead_letters: int
+
+
+class ContactsFile(_Model):
+    run: RunFiles
+    total_items: int
+    staged_rows: int
+    path: str
+    collection: str
+    records: int
+    dead_letters: int
+
+
+class ImportResult(_Model):
+    run: RunFiles
+    collection: str
+    records: int
+    pushed: int
+    accepted: int
+    rejected: int
+    dead_letters: int
+    watermark: datetime
+
+
+MODELS: dict[str, type[_Model]] = {m.__name__: m for m in (PageSet, StagedMembers, ContactsFile, ImportResult)}

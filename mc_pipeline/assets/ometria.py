@@ -1,0 +1,209 @@
+"""`ometria/contacts`: a graph-backed asset, transform op -> import op, so the push shows as its own op.
+
+The asset is materialized only when the import op succeeds; its `watermark` metadata is what
+the next run's window starts from, so a failed or partial import never moves it.
+"""
+
+# No `from __future__ import annotations` here: Dagster reads these signatures at definition time.
+
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster import (
+    AssetIn,
+    Failure,
+    MetadataValue,
+    OpExecutionContext,
+    Out,
+    Output,
+    graph_asset,
+    op,
+)
+
+from mc_pipeline.assets.mailchimp import (
+    CONTACTS_KEY,
+    GROUP,
+    MEMBERS_KEY,
+    WATERMARK,
+    failure,
+    write_dead_letters,
+)
+from mc_pipeline.assets.metadata import parquet_metadata
+from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers
+from mc_pipeline.partitions import mailchimp_lists
+from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
+from mc_pipeline.resources.errors import ApiError
+from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
+from mc_pipeline.storage import PipelineStorage
+from mc_pipeline.transform import CONTACT_SCHEMA, push_body, to_contacts
+
+
+@op(out=Out(ContactsFile, io_manager_key="state_io_manager"), tags={"kind": "arrow"})
+def to_ometria_records(
+    context: OpExecutionContext, members: StagedMembers, registry: ClientRegistryResource, storage: PipelineStorage
+) -> Output[ContactsFile]:
+    """Staged members -> Ometria contact records (Parquet), row group by row group."""
+    run = members.run
+    client, _ = registry.client_for_partition(run.partition)
+    collection = client.collection(run.list_id)
+    folder = storage.run_folder(run.partition, run.run_id)
+    started = time.monotonic()
+    source = pq.ParquetFile(members.path)
+    records = dead_rows = 0
+    dead_tables = []
+    with pq.ParquetWriter(folder.contacts, CONTACT_SCHEMA, compression="zstd") as out:
+        for i in range(source.num_row_groups):
+            good, dead = to_contacts(source.read_row_group(i), collection)
+            out.write_table(good)
+            records += good.num_rows
+            dead_rows += dead.num_rows
+            if dead.num_rows:
+                dead_tables.append(dead)
+    if dead_tables:
+        write_dead_letters(folder.root / "dead_letters-transform.parquet", pa.concat_tables(dead_tables))
+        context.log.warning(f"{run.partition}: {dead_rows} members cannot become Ometria contacts (dead letters)")
+    metadata = parquet_metadata(
+        folder.contacts, CONTACT_SCHEMA, records, ["id", "email", "marketing_optin", "country_id", "timestamp_acquired"]
+    )
+    metadata.update(
+        {"collection": collection, "dead_letters": dead_rows, "seconds": round(time.monotonic() - started, 3)}
+    )
+    return Output(
+        ContactsFile(
+            run=run,
+            total_items=members.total_items,
+            staged_rows=members.rows,
+            path=str(folder.contacts),
+            collection=collection,
+            records=records,
+            dead_letters=members.dead_letters + dead_rows,
+        ),
+        metadata=metadata,
+    )
+
+
+@op(out=Out(ImportResult, io_manager_key="state_io_manager"), tags={"kind": "ometria"})
+def import_to_ometria(
+    context: OpExecutionContext,
+    contacts: ContactsFile,
+    registry: ClientRegistryResource,
+    ometria: OmetriaResource,
+    storage: PipelineStorage,
+) -> Output[ImportResult]:
+    """Push every record in batches of 100 at the account's rate; fail at once on auth or quota."""
+    run = contacts.run
+    client, _ = registry.client_for_partition(run.partition)
+    stats = PushStats()
+    started = time.monotonic()
+    if contacts.records:
+        context.log.info(f"{run.partition}: pushing {contacts.records} contacts to Ometria ({contacts.collection})")
+        try:
+            _push_all(context, contacts, client, ometria, stats)
+        except ApiError as exc:
+            raise failure(exc) from None
+    else:
+        context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
+    stats.seconds = time.monotonic() - started
+    pruned = storage.prune(run.partition, keep_also=(run.run_id,))
+    if pruned:
+        context.log.info(f"{run.partition}: pruned {len(pruned)} old run folders")
+    result = ImportResult(
+        run=run,
+        collection=contacts.collection,
+        records=contacts.records,
+        pushed=stats.pushed,
+        accepted=stats.accepted,
+        rejected=stats.rejected,
+        dead_letters=contacts.dead_letters,
+        watermark=run.window.before,
+    )
+    return Output(
+        result,
+        metadata={
+            WATERMARK: MetadataValue.timestamp(run.window.before),
+            "window_since": MetadataValue.text(run.window.since.isoformat() if run.window.since else "(full sync)"),
+            "full_refresh": run.window.full_refresh,
+            "collection": contacts.collection,
+            "mailchimp_total_items": contacts.total_items,
+            "staged_rows": contacts.staged_rows,
+            "records": contacts.records,
+            "pushed": stats.pushed,
+            "accepted": stats.accepted,
+            "rejected": stats.rejected,
+            "dead_letters": contacts.dead_letters,
+            "requests": stats.requests,
+            "throttled_429": stats.throttled,
+            "retries": stats.retries,
+            "retry_causes": MetadataValue.json(stats.causes),
+            "seconds": round(stats.seconds, 3),
+            "records_per_second": round(stats.pushed / stats.seconds, 1) if stats.seconds else 0.0,
+            "run_folder": MetadataValue.path(run.folder),
+        },
+    )
+
+
+def _push_all(
+    context: OpExecutionContext, contacts: ContactsFile, client, ometria: OmetriaResource, stats: PushStats
+) -> None:
+    """Batches stream from Parquet to a few pusher threads; a bounded queue keeps memory flat."""
+    source = pq.ParquetFile(contacts.path)
+    om = ometria.client(client, logger=context.log)
+    slots = threading.BoundedSemaphore(ometria.workers * 2)
+    pending: set[Future] = set()
+    last_log = time.monotonic()
+    list_id = contacts.run.list_id
+
+    def push(batch) -> None:
+        try:
+            om.push(push_body(batch), batch.num_rows, stats, list_id=list_id)
+        finally:
+            slots.release()
+
+    try:
+        with ThreadPoolExecutor(ometria.workers, thread_name_prefix=f"om-{list_id}") as pool:
+            for batch in source.iter_batches(batch_size=MAX_RECORDS):
+                slots.acquire()
+                pending.add(pool.submit(push, batch))
+                done = {f for f in pending if f.done()}
+                for fut in done:
+                    fut.result()  # re-raise the first failure: auth and quota stop the import at once
+                pending -= done
+                if time.monotonic() - last_log >= 10:
+                    last_log = time.monotonic()
+                    context.log.info(
+                        f"{contacts.run.partition}: {stats.pushed}/{contacts.records} records pushed, "
+                        f"{stats.requests} requests, {stats.throttled} throttled"
+                    )
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                fut.result()
+            for fut in pending:
+                fut.result()
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
+    finally:
+        om.close()
+    if stats.rejected:
+        raise Failure(
+            description=f"{contacts.run.partition}: Ometria rejected {stats.rejected} of {stats.pushed} records "
+            f"(see GET /v2/push/_errors); the watermark stays where it was",
+            metadata={"accepted": stats.accepted, "rejected": stats.rejected},
+            allow_retries=False,
+        )
+
+
+@graph_asset(
+    key=CONTACTS_KEY,
+    partitions_def=mailchimp_lists,
+    group_name=GROUP,
+    kinds={"ometria", "parquet"},
+    ins={"members": AssetIn(key=MEMBERS_KEY)},
+    description="The list's members as Ometria contact records, pushed to the client's Ometria account.",
+)
+def contacts(members):
+    return import_to_ometria(to_ometria_records(members))

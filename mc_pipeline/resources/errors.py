@@ -1,0 +1,64 @@
+"""Errors that name the client, the list and the cause; never a key.
+
+`retryable` says whether a later run could succeed without anyone changing anything; the
+failure sensor and the alerts use it to tell "fix the credentials" from "it will pass".
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    service = "API"
+    retryable = False
+
+    def __init__(self, message: str, *, client_id: str, list_id: str | None = None, status: int | None = None) -> None:
+        where = f"client {client_id!r}" + (f", list {list_id}" if list_id else "")
+        super().__init__(f"{self.service} {where}: {message}")
+        self.client_id = client_id
+        self.list_id = list_id
+        self.status = status
+        self.cause = message
+
+
+class MailchimpError(ApiError):
+    service = "Mailchimp"
+
+
+class MailchimpAuthError(MailchimpError):
+    """401/403: the key is wrong, revoked or the account disabled. Not retried."""
+
+
+class MailchimpNotFound(MailchimpError):
+    """404: the list (or the datacenter) does not exist for this key. Not retried."""
+
+
+class MailchimpRequestError(MailchimpError):
+    """Another 4xx: the request itself is wrong. Not retried."""
+
+
+class MailchimpUnavailable(MailchimpError):
+    """Retries exhausted on 5xx, timeouts, dropped connections or malformed pages."""
+
+    retryable = True
+
+
+class OmetriaError(ApiError):
+    service = "Ometria"
+
+
+class OmetriaAuthError(OmetriaError):
+    """401/403: the Ometria key is wrong or revoked. The client's import stops at once."""
+
+
+class OmetriaQuotaError(OmetriaError):
+    """402 or another quota-type refusal. The client's import stops at once."""
+
+
+class OmetriaBatchRejected(OmetriaError):
+    """400: Ometria refused a whole batch (malformed, too large)."""
+
+
+class OmetriaUnavailable(OmetriaError):
+    """Retries exhausted on 429s, 5xx, timeouts or dropped connections."""
+
+    retryable = True

@@ -1,0 +1,82 @@
+"""Process-wide limits shared by every client of one account: connections in flight and request rate.
+
+Keyed by a fingerprint of the account's key (never the key), so that two lists of one account
+synced by the same process share one budget, whatever the number of threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections import deque
+
+_lock = threading.Lock()
+_gates: dict[str, threading.BoundedSemaphore] = {}
+_limiters: dict[str, SlidingWindowLimiter] = {}
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible name for a key: safe to use as a label."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+
+
+def account_gate(name: str, limit: int) -> threading.BoundedSemaphore:
+    """The semaphore bounding requests in flight for one account in this process."""
+    with _lock:
+        gate = _gates.get(name)
+        if gate is None or gate._initial_value != limit:  # type: ignore[attr-defined]
+            gate = _gates[name] = threading.BoundedSemaphore(limit)
+        return gate
+
+
+def account_limiter(name: str, rate: float, window_s: float = 1.0) -> SlidingWindowLimiter:
+    with _lock:
+        limiter = _limiters.get(name)
+        if limiter is None or limiter.rate != rate:
+            limiter = _limiters[name] = SlidingWindowLimiter(rate, window_s)
+        return limiter
+
+
+class SlidingWindowLimiter:
+    """At most `rate` starts in any window of `window_s` (+ a margin for network jitter).
+
+    A token bucket would allow 2x the rate across a window boundary and earn 429s from a server
+    that counts a sliding window; this keeps the log of the last `rate` starts instead.
+    """
+
+    def __init__(self, rate: float, window_s: float = 1.0, margin_s: float = 0.03) -> None:
+        self.rate = rate
+        self.capacity = max(1, int(rate))
+        self.window = window_s * self.capacity / rate + margin_s
+        self._starts: deque[float] = deque()
+        self._cond = threading.Condition()
+        self.waited_s = 0.0
+
+    def acquire(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._starts and now - self._starts[0] >= self.window:
+                    self._starts.popleft()
+                if len(self._starts) < self.capacity:
+                    self._starts.append(now)
+                    return
+                wait = self.window - (now - self._starts[0])
+                self.waited_s += wait
+                self._cond.wait(wait)
+
+    def penalise(self, seconds: float) -> None:
+        """After a 429, hold every caller back: the server's window is fuller than ours thought."""
+        with self._cond:
+            until = time.monotonic() + seconds
+            self._starts.extend([until - self.window] * self.capacity)
+            while len(self._starts) > self.capacity:
+                self._starts.popleft()
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: uniform in [1/2, 1] of min(cap, base * 2^attempt)."""
+    r = (rng or random).random()
+    return min(cap_s, base_s * (2**attempt)) * (0.5 + r / 2)

@@ -1,0 +1,390 @@
+"""Mailchimp Marketing API v3: one pooled session per account, concurrent paging, the error policy.
+
+Error policy (the table our importer inherited, applied per request):
+- 429, or a bare (non-JSON) 403 from Mailchimp's edge: throttled; wait `Retry-After` if given,
+  else exponential backoff with jitter; retried up to `max_throttle_waits`.
+- 5xx, timeouts, dropped connections, cut or malformed JSON: exponential backoff with jitter,
+  at most `max_attempts` attempts per page.
+- 401, 403 (problem+json), 404, other 4xx: fail at once, naming client and list; no retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+import requests
+from dagster import ConfigurableResource
+from pydantic import Field, SecretStr
+from requests.adapters import HTTPAdapter
+
+from mc_pipeline.registry import MAILCHIMP_KEY_RE, Client
+from mc_pipeline.resources.errors import (
+    MailchimpAuthError,
+    MailchimpNotFound,
+    MailchimpRequestError,
+    MailchimpUnavailable,
+)
+from mc_pipeline.resources.limits import account_gate, backoff_delay, fingerprint
+
+log = logging.getLogger(__name__)
+
+# What the transform reads; the payload is most of a page's cost, so nothing else is asked for.
+MEMBER_FIELDS: tuple[str, ...] = (
+    "id",
+    "email_address",
+    "unique_email_id",
+    "contact_id",
+    "full_name",
+    "status",
+    "merge_fields",
+    "timestamp_signup",
+    "timestamp_opt",
+    "last_changed",
+    "language",
+    "vip",
+    "member_rating",
+    "location.country_code",
+    "source",
+    "tags",
+)
+MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["total_items"])
+_TRANSIENT = (
+    requests.Timeout,
+    requests.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
+def datacenter_url(api_key: str) -> str:
+    """`...-us6` -> `https://us6.api.mailchimp.com/3.0`."""
+    match = MAILCHIMP_KEY_RE.match(api_key)
+    if not match:
+        raise ValueError("the Mailchimp key is not of the form <32 hex>-<datacenter>")
+    return f"https://{match.group(1)}.api.mailchimp.com/3.0"
+
+
+def mailchimp_time(dt: datetime) -> str:
+    return dt.isoformat(timespec="seconds")
+
+
+@dataclass
+class Page:
+    offset: int
+    raw: bytes  # exactly as received
+    members: int
+    total_items: int
+
+
+@dataclass
+class FetchStats:
+    calls: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    throttled: int = 0
+    bytes: int = 0
+    pages: int = 0
+    members: int = 0
+    seconds: float = 0.0
+    causes: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def note(self, cause: str) -> None:
+        with self._lock:
+            self.causes[cause] = self.causes.get(cause, 0) + 1
+
+
+class _Retry(Exception):
+    def __init__(self, cause: str, wait_s: float | None = None, throttle: bool = False) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.wait_s = wait_s
+        self.throttle = throttle
+
+
+class MailchimpClient:
+    """One account's client. Thread-safe; its requests in flight never exceed the account's limit."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        api_key: SecretStr,
+        base_url: str | None,
+        max_connections: int,
+        page_size: int,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_attempts: int,
+        max_throttle_waits: int,
+        backoff_base_s: float,
+        backoff_cap_s: float,
+        logger: Any = None,
+    ) -> None:
+        self.client_id = client_id
+        key = api_key.get_secret_value()
+        self.base_url = (base_url or datacenter_url(key)).rstrip("/")
+        self.max_connections = max_connections
+        self.page_size = page_size
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        self.max_attempts = max_attempts
+        self.max_throttle_waits = max_throttle_waits
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.log = logger or log
+        self.gate = account_gate(f"mailchimp:{fingerprint(key)}", max_connections)
+        self.session = requests.Session()
+        self.session.auth = ("mc-pipeline", key)  # Basic: any user name, the key as password
+        self.session.headers["User-Agent"] = "mc-pipeline/0.1 (+requests)"
+        self.session.headers["Accept-Encoding"] = "gzip, deflate"
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_connections, max_retries=0, pool_block=True)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._rng = random.Random()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> MailchimpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    def get(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> tuple[bytes, Any]:
+        """GET with the error policy; returns the raw body and its parsed JSON."""
+        attempts = throttles = 0
+        while True:
+            try:
+                return self._get_once(path, params, list_id=list_id, stats=stats)
+            except _Retry as retry:
+                stats.note(retry.cause)
+                if retry.throttle:
+                    throttles += 1
+                    with stats._lock:
+                        stats.throttled += 1
+                    if throttles > self.max_throttle_waits:
+                        raise MailchimpUnavailable(
+                            f"still throttled after {throttles - 1} waits ({retry.cause})",
+                            client_id=self.client_id,
+                            list_id=list_id,
+                        ) from None
+                    delay = retry.wait_s
+                    if delay is None:
+                        delay = backoff_delay(min(throttles, 6), self.backoff_base_s, self.backoff_cap_s, self._rng)
+                else:
+                    attempts += 1
+                    if attempts >= self.max_attempts:
+                        raise MailchimpUnavailable(
+                            f"gave up after {attempts} attempts; last cause: {retry.cause}",
+                            client_id=self.client_id,
+                            list_id=list_id,
+                        ) from None
+                    delay = backoff_delay(attempts - 1, self.backoff_base_s, self.backoff_cap_s, self._rng)
+                with stats._lock:
+                    stats.retries += 1
+                self.log.debug(f"Mailchimp {self.client_id} {path}: {retry.cause}; retrying in {delay:.2f}s")
+                time.sleep(delay)
+
+    def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats):
+        url = f"{self.base_url}{path}"
+        with self.gate:  # the account's connection limit, shared by every thread of this process
+            with stats._lock:
+                stats.calls += 1
+            try:
+                resp = self.session.get(url, params=params, timeout=self.timeout)
+                body = resp.content
+            except _TRANSIENT as exc:
+                raise _Retry(type(exc).__name__) from None
+        with stats._lock:
+            stats.bytes += len(body)
+        status = resp.status_code
+        if status == 200:
+            try:
+                return body, orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise _Retry(f"malformed JSON ({len(body)} bytes)") from None
+        problem = _problem(resp)
+        if status == 429:
+            raise _Retry("429 Too Many Requests", _retry_after(resp), throttle=True)
+        if status == 403 and problem is None:
+            raise _Retry("403 without a problem document (edge throttling)", _retry_after(resp), throttle=True)
+        if status >= 500:
+            raise _Retry(f"{status} {problem.get('title', '') if problem else resp.reason}".strip())
+        title = problem.get("title", resp.reason) if problem else resp.reason
+        detail = problem.get("detail", "") if problem else body[:200].decode("utf-8", "replace")
+        message = f"{status} {title}: {detail}".strip()
+        if status in (401, 403):
+            raise MailchimpAuthError(message, client_id=self.client_id, list_id=list_id, status=status)
+        if status == 404:
+            raise MailchimpNotFound(message, client_id=self.client_id, list_id=list_id, status=status)
+        raise MailchimpRequestError(message, client_id=self.client_id, list_id=list_id, status=status)
+
+    # ------------------------------------------------------------------ endpoints
+    def lists(self) -> list[dict[str, Any]]:
+        """Every audience of the account (for registry entries with `lists: all`)."""
+        out: list[dict[str, Any]] = []
+        stats = FetchStats()
+        offset = 0
+        while True:
+            _, data = self.get(
+                "/lists",
+                {"count": 1000, "offset": offset, "fields": "lists.id,lists.name,lists.stats.member_count,total_items"},
+                list_id=None,
+                stats=stats,
+            )
+            batch = data.get("lists") or []
+            out.extend(batch)
+            offset += len(batch)
+            if not batch or offset >= int(data.get("total_items", 0)):
+                return out
+
+    def count_members(
+        self,
+        list_id: str,
+        *,
+        since: datetime | None,
+        before: datetime | None,
+        status: str | None = None,
+        stats: FetchStats | None = None,
+    ) -> int:
+        params = self._window(since, before, status) | {"count": 1, "fields": "total_items"}
+        _, data = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats or FetchStats())
+        return int(data["total_items"])
+
+    def fetch_members(
+        self,
+        list_id: str,
+        *,
+        since: datetime | None,
+        before: datetime | None,
+        on_page: Callable[[Page], None],
+        status: str | None = None,
+        on_progress: Callable[[FetchStats, int], None] | None = None,
+    ) -> tuple[FetchStats, int]:
+        """Every member in the window, page by page: the first page gives `total_items`, the
+        rest are fetched concurrently by offset. `on_page` runs on the fetching thread (it must be
+        thread-safe) so that no page is held in memory after it is handled.
+
+        Returns the stats and `total_items` as the first page reported it.
+        """
+        stats = FetchStats()
+        started = time.monotonic()
+        window = self._window(since, before, status)
+        first = self._page(list_id, 0, window, stats)
+        on_page(first)
+        total = first.total_items
+        offsets = list(range(self.page_size, total, self.page_size))
+        if offsets:
+            with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{list_id}") as pool:
+                pending = {pool.submit(self._fetch_and_handle, list_id, off, window, stats, on_page) for off in offsets}
+                done_count = 1
+                while pending:
+                    done, pending = wait(pending, timeout=5.0, return_when=FIRST_EXCEPTION)
+                    for fut in done:
+                        exc = fut.exception()
+                        if exc is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise exc
+                    done_count += len(done)
+                    if on_progress is not None:
+                        on_progress(stats, total)
+        stats.seconds = time.monotonic() - started
+        return stats, total
+
+    def _fetch_and_handle(
+        self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats, on_page: Callable[[Page], None]
+    ) -> None:
+        on_page(self._page(list_id, offset, window, stats))
+
+    def _page(self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats) -> Page:
+        params = {**window, "count": self.page_size, "offset": offset, "fields": MEMBERS_FIELDS_PARAM}
+        attempts = 0
+        while True:
+            raw, data = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats)
+            members = data.get("members") if isinstance(data, dict) else None
+            total = data.get("total_items") if isinstance(data, dict) else None
+            if isinstance(members, list) and isinstance(total, int):
+                with stats._lock:
+                    stats.pages += 1
+                    stats.members += len(members)
+                return Page(offset=offset, raw=raw, members=len(members), total_items=total)
+            attempts += 1  # valid JSON of the wrong shape: retried like a cut body, then reported
+            stats.note("page without members/total_items")
+            if attempts >= self.max_attempts:
+                raise MailchimpUnavailable(
+                    f"the page at offset {offset} has no 'members' list or 'total_items' after {attempts} attempts",
+                    client_id=self.client_id,
+                    list_id=list_id,
+                )
+            time.sleep(backoff_delay(attempts - 1, self.backoff_base_s, self.backoff_cap_s, self._rng))
+
+    @staticmethod
+    def _window(since: datetime | None, before: datetime | None, status: str | None) -> dict[str, Any]:
+        # Ordered by last_changed so pages are chronological and a window is a stable slice.
+        params: dict[str, Any] = {"sort_field": "last_changed", "sort_dir": "ASC"}
+        if since is not None:
+            params["since_last_changed"] = mailchimp_time(since)
+        if before is not None:
+            params["before_last_changed"] = mailchimp_time(before)
+        if status is not None:
+            params["status"] = status
+        return params
+
+
+def _problem(resp: requests.Response) -> dict[str, Any] | None:
+    ctype = resp.headers.get("Content-Type", "")
+    if "json" not in ctype:
+        return None
+    try:
+        doc = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if value and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
+        return min(float(value), 120.0)
+    return None
+
+
+class MailchimpResource(ConfigurableResource):
+    """HTTP settings for every Mailchimp account; credentials come per client from the registry."""
+
+    page_size: int = Field(1000, ge=1, le=1000)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = Field(60.0, description="a 1000-member page can take seconds on a big list")
+    max_attempts: int = Field(6, ge=1, description="per page, for 5xx, timeouts, drops and bad bodies")
+    max_throttle_waits: int = Field(60, ge=0, description="per request, for 429 and edge 403 throttling")
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
+    max_connections: int | None = Field(None, ge=1, le=10, description="overrides the registry's per account")
+
+    def client(self, client: Client, logger: Any = None) -> MailchimpClient:
+        return MailchimpClient(
+            client_id=client.id,
+            api_key=client.mailchimp.api_key.resolve(),
+            base_url=client.mailchimp.base_url,
+            max_connections=self.max_connections or client.mailchimp.max_connections,
+            page_size=self.page_size,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            max_attempts=self.max_attempts,
+            max_throttle_waits=self.max_throttle_waits,
+            backoff_base_s=self.backoff_base_s,
+            backoff_cap_s=self.backoff_cap_s,
+            logger=logger,
+        )

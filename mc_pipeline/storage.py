@@ -1,0 +1,94 @@
+"""Where a partition's files live: a data root, then one folder per client list and per run.
+
+Paths are built only from validated ids (client slug, 10-hex list id, Dagster run id), so no
+value from a registry or an API can escape the data root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from mc_pipeline.registry import parse_partition_key
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def default_data_dir() -> Path:
+    """MC_PIPELINE_DATA_DIR, else $DAGSTER_HOME/mc_pipeline_data, else ./.mc_pipeline_data."""
+    explicit = os.environ.get("MC_PIPELINE_DATA_DIR")
+    if explicit:
+        return Path(explicit)
+    home = os.environ.get("DAGSTER_HOME")
+    if home:
+        return Path(home) / "mc_pipeline_data"
+    return Path.cwd() / ".mc_pipeline_data"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of one run of one partition."""
+
+    root: Path
+
+    @property
+    def pages(self) -> Path:
+        return self.root / "pages"
+
+    def page(self, offset: int, status: str | None = None) -> Path:
+        prefix = f"{status}-" if status else ""
+        return self.pages / f"{prefix}page-{offset:09d}.json.gz"
+
+    @property
+    def members(self) -> Path:
+        return self.root / "members.parquet"
+
+    @property
+    def contacts(self) -> Path:
+        return self.root / "contacts.parquet"
+
+    @property
+    def dead_letters(self) -> Path:
+        return self.root / "dead_letters.parquet"
+
+
+class PipelineStorage(ConfigurableResource):
+    """The data root and how many run folders of each partition to keep."""
+
+    data_dir: str | None = Field(None, description="default: MC_PIPELINE_DATA_DIR or $DAGSTER_HOME/mc_pipeline_data")
+    keep_runs: int = Field(3, ge=1, description="run folders kept per partition; older ones are pruned")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def partition_dir(self, partition: str) -> Path:
+        client_id, list_id = parse_partition_key(partition)
+        return self.root / "lists" / client_id / list_id
+
+    def run_folder(self, partition: str, run_id: str) -> RunFolder:
+        if not RUN_ID_RE.match(run_id):
+            raise ValueError(f"run id {run_id[:80]!r} is not a safe folder name")
+        folder = RunFolder(self.partition_dir(partition) / "runs" / run_id)
+        folder.root.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def prune(self, partition: str, keep_also: tuple[str, ...] = ()) -> list[str]:
+        """Remove the oldest run folders beyond `keep_runs`; never those named in `keep_also`."""
+        runs_dir = self.partition_dir(partition) / "runs"
+        if not runs_dir.is_dir():
+            return []
+        folders = sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+        removed = []
+        for old in folders[self.keep_runs :]:
+            if old.name in keep_also:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old.name)
+        return removed

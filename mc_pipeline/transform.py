@@ -1,0 +1,218 @@
+"""The Mailchimp -> Ometria contact mapping: pure, column-wise (pyarrow compute), documented.
+
+| Ometria field            | from Mailchimp                                                          |
+|--------------------------|-------------------------------------------------------------------------|
+| `id`                     | `contact_id` (stable across email changes, not PII); else `unique_email_id` |
+| `@collection`            | one per client list: `<prefix>-<list_id>` (see the registry)            |
+| `email`                  | `email_address`, trimmed                                                |
+| `firstname`, `lastname`  | FNAME, LNAME; when both are empty, the first word / rest of `full_name` |
+| `marketing_optin`        | subscribed -> EXPLICITLY_OPTEDIN; unsubscribed, cleaned, archived ->    |
+|                          | EXPLICITLY_OPTEDOUT; pending, transactional, unknown -> NOT_SPECIFIED   |
+| `@force_optin`           | true when subscribed: Mailchimp holds the consent, so it overrides      |
+| `timestamp_subscribed`   | `timestamp_opt` (when the member confirmed the opt-in)                  |
+| `timestamp_unsubscribed` | `last_changed`, for unsubscribed, cleaned and archived members          |
+| `timestamp_acquired`     | `timestamp_signup`, else `timestamp_opt`                                |
+| `phone_number`           | PHONE, when not empty                                                   |
+| `date_of_birth`          | BIRTHDAY when it is a full date (YYYY-MM-DD or MM/DD/YYYY); Mailchimp's |
+|                          | year-less MM/DD birthday stays in `properties.BIRTHDAY`                 |
+| `country_id`             | `location.country_code`, else ADDRESS.country (ISO 3166-1 alpha-2)      |
+| `properties`             | every merge field but FNAME, LNAME, PHONE (empty values left out)       |
+
+Why these choices: archived members can no longer be emailed from Mailchimp, so they leave
+Ometria as opted out rather than silently stale; pending and transactional members never gave
+marketing consent, so they are NOT_SPECIFIED. A record Ometria would refuse (no stable id, a
+malformed email, over 60 KB) becomes a dead letter with its reason instead of failing the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+UTC_S = pa.timestamp("s", tz="UTC")
+OPTIN = {
+    "subscribed": "EXPLICITLY_OPTEDIN",
+    "unsubscribed": "EXPLICITLY_OPTEDOUT",
+    "cleaned": "EXPLICITLY_OPTEDOUT",
+    "archived": "EXPLICITLY_OPTEDOUT",
+    "pending": "NOT_SPECIFIED",
+    "transactional": "NOT_SPECIFIED",
+}
+OPTED_OUT_STATUSES = ("unsubscribed", "cleaned", "archived")
+# Ometria refuses these; the same rules as its validator, so nothing is sent only to be rejected.
+EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$"
+MAX_RECORD_BYTES = 60 * 1024
+RECORD_OVERHEAD_BYTES = 600  # keys, quotes, timestamps: generous, so the estimate errs on the safe side
+
+CONTACT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("@collection", pa.string(), nullable=False),
+        pa.field("email", pa.string()),
+        pa.field("firstname", pa.string()),
+        pa.field("lastname", pa.string()),
+        pa.field("marketing_optin", pa.string()),
+        pa.field("@force_optin", pa.bool_()),
+        pa.field("timestamp_subscribed", UTC_S),
+        pa.field("timestamp_unsubscribed", UTC_S),
+        pa.field("timestamp_acquired", UTC_S),
+        pa.field("phone_number", pa.string()),
+        pa.field("date_of_birth", pa.string()),
+        pa.field("country_id", pa.string()),
+        pa.field("properties_json", pa.string()),
+        pa.field("member_id", pa.string(), metadata={"doc": "lineage back to the staging row; not sent"}),
+        pa.field("last_changed", UTC_S, metadata={"doc": "Mailchimp's; not sent"}),
+    ]
+)
+NOT_SENT = ("member_id", "last_changed")
+
+
+def _nonempty(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Trimmed strings, with empty ones as null."""
+    trimmed = pc.utf8_trim_whitespace(arr)
+    return pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), pa.scalar(None, pa.string()), trimmed)
+
+
+def _where(mask: Any, value: Any, typ: pa.DataType) -> pa.Array:
+    return pc.if_else(pc.fill_null(mask, False), value, pa.scalar(None, typ))
+
+
+def map_optin(status: pa.ChunkedArray | pa.Array) -> pa.Array:
+    statuses = pa.array(list(OPTIN))
+    values = pa.array([*OPTIN.values(), "NOT_SPECIFIED"])
+    idx = pc.fill_null(pc.index_in(status, value_set=statuses), len(OPTIN))
+    return pc.take(values, idx)
+
+
+# Merge tags are letters, digits and '_'; orjson writes compact JSON, so these patterns see
+# structure, never the inside of a string (where every '"' is escaped).
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_SCALAR = rf"(?:{_STRING}|null|true|false|-?[0-9][0-9.eE+-]*)"
+_DROPPED = rf'(?:"(?:FNAME|LNAME|PHONE)":{_SCALAR}|"[A-Za-z0-9_]+":(?:""|null))'
+
+
+def properties_json(merge_fields_json: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Merge fields minus FNAME, LNAME, PHONE (mapped to their own fields) and empty values."""
+    out = pc.replace_substring_regex(merge_fields_json, rf",{_DROPPED}", "")
+    out = pc.replace_substring_regex(out, rf"\{{{_DROPPED},?", "{")
+    return _where(pc.not_equal(out, "{}"), out, pa.string())
+
+
+def split_full_name(full_name: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
+    parts = pc.extract_regex(full_name, r"^\s*(?P<first>\S+)(?:\s+(?P<rest>.*?))?\s*$")
+    first = pc.struct_field(parts, "first")
+    rest = pc.struct_field(parts, "rest")
+    return _nonempty(first), _nonempty(rest)
+
+
+def date_of_birth(birthday: pa.ChunkedArray | pa.Array) -> pa.Array:
+    b = pc.utf8_trim_whitespace(birthday)
+    iso = pc.match_substring_regex(b, r"^\d{4}-\d{2}-\d{2}$")
+    us = pc.match_substring_regex(b, r"^\d{2}/\d{2}/\d{4}$")
+    us_as_iso = pc.replace_substring_regex(b, r"^(\d{2})/(\d{2})/(\d{4})$", r"\3-\1-\2")
+    out = pc.if_else(pc.fill_null(iso, False), b, _where(us, us_as_iso, pa.string()))
+    # A date Ometria would refuse (month 13, 31 Feb) is dropped, not sent.
+    parsed = pc.strptime(out, format="%Y-%m-%d", unit="s", error_is_null=True)
+    return _where(pc.is_valid(parsed), out, pa.string())
+
+
+def to_contacts(staged: pa.Table, collection: str) -> tuple[pa.Table, pa.Table]:
+    """Staged members -> (Ometria contact records, dead letters), column by column."""
+    n = staged.num_rows
+    c = staged.column
+    contact_id = _nonempty(c("contact_id"))
+    record_id = pc.coalesce(contact_id, _nonempty(c("unique_email_id")))
+    email = _nonempty(c("email_address"))
+    fname, lname = _nonempty(c("fname")), _nonempty(c("lname"))
+    first_from_name, rest_from_name = split_full_name(c("full_name"))
+    no_name_fields = pc.and_(pc.is_null(fname), pc.is_null(lname))  # only then is full_name a fallback
+    status = c("status")
+    opted_out = pc.is_in(status, value_set=pa.array(OPTED_OUT_STATUSES))
+    country = pc.utf8_upper(pc.coalesce(_nonempty(c("country_code")), _nonempty(c("address_country"))))
+    country = _where(pc.match_substring_regex(country, r"^[A-Z]{2}$"), country, pa.string())
+    optin = map_optin(status)
+
+    records = pa.table(
+        {
+            "id": record_id,
+            "@collection": pa.array([collection] * n, pa.string()),
+            "email": email,
+            "firstname": pc.coalesce(fname, _where(no_name_fields, first_from_name, pa.string())),
+            "lastname": pc.coalesce(lname, _where(no_name_fields, rest_from_name, pa.string())),
+            "marketing_optin": optin,
+            "@force_optin": pc.equal(optin, "EXPLICITLY_OPTEDIN"),
+            "timestamp_subscribed": c("timestamp_opt"),
+            "timestamp_unsubscribed": _where(opted_out, c("last_changed"), UTC_S),
+            "timestamp_acquired": pc.coalesce(c("timestamp_signup"), c("timestamp_opt")),
+            "phone_number": _nonempty(c("phone")),
+            "date_of_birth": date_of_birth(c("birthday")),
+            "country_id": country,
+            "properties_json": properties_json(c("merge_fields_json")),
+            "member_id": c("member_id"),
+            "last_changed": c("last_changed"),
+        },
+        schema=CONTACT_SCHEMA,
+    )
+
+    size = pc.add(
+        pc.add(
+            pc.fill_null(pc.binary_length(pc.coalesce(records.column("properties_json"), "")), 0),
+            _text_bytes(records, ("id", "email", "firstname", "lastname", "phone_number")),
+        ),
+        RECORD_OVERHEAD_BYTES + len(collection.encode()),
+    )
+    reason = pc.if_else(
+        pc.is_null(record_id),
+        "no stable id: contact_id and unique_email_id are empty",
+        pc.if_else(
+            pc.invert(pc.fill_null(pc.match_substring_regex(email, EMAIL_PATTERN), False)),
+            "email missing or not a valid address",
+            _where(pc.greater(size, MAX_RECORD_BYTES), "record over Ometria's 60 KB limit", pa.string()),
+        ),
+    )
+    valid = pc.is_null(reason)
+    good = records.filter(valid)
+    bad = staged.filter(pc.invert(valid))
+    bad_reasons = reason.filter(pc.invert(valid))
+    dead = pa.table(
+        {
+            "stage": pa.array(["transform"] * bad.num_rows, pa.string()),
+            "member_id": bad.column("member_id"),
+            "record_id": record_id.filter(pc.invert(valid)),
+            "reason": bad_reasons,
+            "payload": pa.array([orjson.dumps(r, default=str).decode()[:4096] for r in bad.to_pylist()], pa.string()),
+        }
+    )
+    return good, dead
+
+
+def _text_bytes(table: pa.Table, names: tuple[str, ...]) -> pa.Array:
+    total = pa.scalar(0, pa.int32())
+    for name in names:
+        total = pc.add(total, pc.fill_null(pc.binary_length(table.column(name)), 0))
+    return total
+
+
+def record_dicts(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
+    """Contact rows -> the JSON objects Ometria takes: nulls left out, properties as an object."""
+    out = []
+    for row in batch.to_pylist():
+        props = row.pop("properties_json")
+        for name in NOT_SENT:
+            row.pop(name, None)
+        record = {"@type": "contact"}
+        record.update({k: v for k, v in row.items() if v is not None})
+        if not record.get("@force_optin"):
+            record.pop("@force_optin", None)
+        if props:
+            record["properties"] = orjson.loads(props)
+        out.append(record)
+    return out
+
+
+def push_body(batch: pa.RecordBatch | pa.Table) -> bytes:
+    """A push request body: the batch's records as a JSON array (timestamps as ISO 8601)."""
+    return orjson.dumps(record_dicts(batch))
