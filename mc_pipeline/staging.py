@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-UTC_S = pa.timestamp("s", tz="UTC")
+# Milliseconds: Parquet has no second unit, and a file must read back with the schema it was written with.
+UTC_TS = pa.timestamp("ms", tz="UTC")
 STAGING_SCHEMA = pa.schema(
     [
         pa.field("member_id", pa.string(), nullable=False, metadata={"doc": "MD5 of the lower-cased email"}),
@@ -34,9 +35,9 @@ STAGING_SCHEMA = pa.schema(
         pa.field("birthday", pa.string()),
         pa.field("address_country", pa.string()),
         pa.field("merge_fields_json", pa.string(), metadata={"doc": "every merge field, as compact JSON"}),
-        pa.field("timestamp_signup", UTC_S),
-        pa.field("timestamp_opt", UTC_S),
-        pa.field("last_changed", UTC_S),
+        pa.field("timestamp_signup", UTC_TS),
+        pa.field("timestamp_opt", UTC_TS),
+        pa.field("last_changed", UTC_TS),
         pa.field("language", pa.string()),
         pa.field("vip", pa.bool_()),
         pa.field("member_rating", pa.int16()),
@@ -86,7 +87,7 @@ def _timestamps(values: list[Any]) -> pa.Array:
     """ISO 8601 strings with offsets -> UTC seconds; `""`, null and garbage -> null."""
     strings = _strings(values)
     strings = pc.replace_substring_regex(strings, r"Z$", "+00:00")
-    return pc.strptime(strings, format="%Y-%m-%dT%H:%M:%S%z", unit="s", error_is_null=True).cast(UTC_S)
+    return pc.strptime(strings, format="%Y-%m-%dT%H:%M:%S%z", unit="ms", error_is_null=True).cast(UTC_TS)
 
 
 def _tag_names(values: list[Any]) -> pa.Array:
@@ -173,11 +174,12 @@ def dead_letter(stage: str, member_id: str | None, record_id: str | None, reason
 
 
 def id_keys(member_ids: pa.Array) -> np.ndarray:
-    """64-bit keys of member ids: the first 8 bytes of the MD5, vectorised; a hash otherwise."""
+    """64-bit keys of member ids: the two halves of the MD5 XORed, vectorised; a hash otherwise."""
     ids = member_ids.to_pylist()
     if len(ids) and pc.all(pc.equal(pc.binary_length(member_ids), 32)).as_py():
         try:
-            return np.frombuffer(bytes.fromhex("".join(ids)), dtype=">u8")[::2].astype(np.uint64)
+            halves = np.frombuffer(bytes.fromhex("".join(ids)), dtype=">u8")
+            return (halves[::2] ^ halves[1::2]).astype(np.uint64)
         except ValueError:
             pass  # not hex: hash instead
     return np.array(
@@ -240,7 +242,7 @@ class StagingWriter:
                 group = source.read_row_group(i)
                 mask = keep[start : start + group.num_rows]
                 start += group.num_rows
-                out.write_table(group.filter(pa.array(mask)))
+                out.write_table(group.filter(pa.array(mask)).cast(STAGING_SCHEMA))
         self._tmp.unlink()
         kept = int(keep.sum())
         duplicates = self.rows - kept

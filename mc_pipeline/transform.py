@@ -32,7 +32,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-UTC_S = pa.timestamp("s", tz="UTC")
+from mc_pipeline.staging import UTC_TS
+
 OPTIN = {
     "subscribed": "EXPLICITLY_OPTEDIN",
     "unsubscribed": "EXPLICITLY_OPTEDOUT",
@@ -56,15 +57,15 @@ CONTACT_SCHEMA = pa.schema(
         pa.field("lastname", pa.string()),
         pa.field("marketing_optin", pa.string()),
         pa.field("@force_optin", pa.bool_()),
-        pa.field("timestamp_subscribed", UTC_S),
-        pa.field("timestamp_unsubscribed", UTC_S),
-        pa.field("timestamp_acquired", UTC_S),
+        pa.field("timestamp_subscribed", UTC_TS),
+        pa.field("timestamp_unsubscribed", UTC_TS),
+        pa.field("timestamp_acquired", UTC_TS),
         pa.field("phone_number", pa.string()),
         pa.field("date_of_birth", pa.string()),
         pa.field("country_id", pa.string()),
         pa.field("properties_json", pa.string()),
         pa.field("member_id", pa.string(), metadata={"doc": "lineage back to the staging row; not sent"}),
-        pa.field("last_changed", UTC_S, metadata={"doc": "Mailchimp's; not sent"}),
+        pa.field("last_changed", UTC_TS, metadata={"doc": "Mailchimp's; not sent"}),
     ]
 )
 NOT_SENT = ("member_id", "last_changed")
@@ -116,7 +117,8 @@ def date_of_birth(birthday: pa.ChunkedArray | pa.Array) -> pa.Array:
     out = pc.if_else(pc.fill_null(iso, False), b, _where(us, us_as_iso, pa.string()))
     # A date Ometria would refuse (month 13, 31 Feb) is dropped, not sent.
     parsed = pc.strptime(out, format="%Y-%m-%d", unit="s", error_is_null=True)
-    return _where(pc.is_valid(parsed), out, pa.string())
+    round_trip = pc.strftime(parsed, format="%Y-%m-%d")  # 1990-02-31 parses, but comes back as March
+    return _where(pc.equal(round_trip, out), out, pa.string())
 
 
 def to_contacts(staged: pa.Table, collection: str) -> tuple[pa.Table, pa.Table]:
@@ -145,7 +147,7 @@ def to_contacts(staged: pa.Table, collection: str) -> tuple[pa.Table, pa.Table]:
             "marketing_optin": optin,
             "@force_optin": pc.equal(optin, "EXPLICITLY_OPTEDIN"),
             "timestamp_subscribed": c("timestamp_opt"),
-            "timestamp_unsubscribed": _where(opted_out, c("last_changed"), UTC_S),
+            "timestamp_unsubscribed": _where(opted_out, c("last_changed"), UTC_TS),
             "timestamp_acquired": pc.coalesce(c("timestamp_signup"), c("timestamp_opt")),
             "phone_number": _nonempty(c("phone")),
             "date_of_birth": date_of_birth(c("birthday")),

@@ -27,8 +27,8 @@ class ClientRegistryResource(ConfigurableResource):
             raise Failure(description=f"partition {partition_key}: {exc}", allow_retries=False) from None
         if client.lists != "all" and list_id not in client.lists:
             raise Failure(
-                description=f"partition {partition_key}: list {list_id} is not among client {client_id!r}'s "
-                f"lists in the registry {self.path}; remove the partition or add the list",
+                description=f"partition {partition_key}: list {list_id} is not among the lists of client {client_id!r} "
+                f"in the registry {self.path}; remove the partition or add the list",
                 allow_retries=False,
             )
         return client, list_id

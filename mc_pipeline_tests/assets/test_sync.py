@@ -1,0 +1,143 @@
+"""The assets end to end through Dagster (`materialize`) against the sandbox: full, incremental, idempotent."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+
+from mc_pipeline.assets.mailchimp import latest_watermark
+from mc_pipeline.local import LocalEnvironment
+from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, sync
+
+
+def settle() -> None:
+    """The window ends one second before a run's start: let the sandbox's changes fall inside it."""
+    time.sleep(2.1)
+
+
+def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
+    sb = small_env.sandbox
+    client = sb.client("client-1")
+    list_id = client.list_ids[1]
+    partition = f"client-1:{list_id}"
+
+    full = sync(instance, partition)
+    assert full.success
+    expected = expected_contacts(sb, list_id)
+    pages = metadata(full, "mailchimp/member_pages")
+    assert pages["full_refresh"] is True and pages["total_items"] == len(expected) and pages["pages"] == 3
+    staged = metadata(full, "mailchimp/members")
+    assert staged["dagster/row_count"] == len(expected)
+    assert "***@" in staged["preview"] and "dagster/column_schema" in staged
+    contacts = metadata(full, "ometria/contacts")
+    assert contacts["records"] == contacts["pushed"] == contacts["accepted"] == len(expected)
+    assert contacts["rejected"] == 0 and contacts["requests"] == -(-len(expected) // 100)
+    assert_ometria_matches(sb, partition)
+    watermark = latest_watermark(instance, partition)
+    assert watermark is not None
+
+    # Change the list: one new member, one unsubscribed, one renamed, one archived.
+    members = sb.mailchimp_list(list_id).members(include_archived=False)
+    sb.add_member(list_id, "New.Person+test@Example.com")
+    sb.set_status(list_id, members[0]["id"], "unsubscribed")
+    sb.update_member(list_id, members[1]["id"], merge_fields={"FNAME": "Renamed"})
+    sb.set_status(list_id, members[2]["id"], "archived")
+    settle()
+    sb.reset_stats()
+
+    incremental = sync(instance, partition)
+    pages = metadata(incremental, "mailchimp/member_pages")
+    assert pages["full_refresh"] is False
+    assert pages["window_since"] == watermark.isoformat()
+    assert pages["members"] == 3  # the archived one is not listed by default: issue #5's sweep covers it
+    assert sb.stats("mailchimp:client-1")["requests"] == 1
+    assert sb.stats("ometria:client-1")["requests"] == 1
+    held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
+    assert held[members[0]["contact_id"]]["marketing_optin"] == "EXPLICITLY_OPTEDOUT"
+    assert held[members[1]["contact_id"]]["firstname"] == "Renamed"
+    new = sb.mailchimp_list(list_id).get("new.person+test@example.com")
+    assert held[new["contact_id"]]["email"] == "New.Person+test@Example.com"
+    assert latest_watermark(instance, partition) > watermark
+
+    settle()
+    sb.reset_stats()
+    unchanged = sync(instance, partition)
+    assert metadata(unchanged, "ometria/contacts")["records"] == 0
+    assert sb.stats("mailchimp:client-1")["requests"] == 1
+    assert sb.stats("ometria:client-1")["requests"] == 0
+
+
+def test_running_a_partition_twice_stores_each_contact_once(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    partition = f"client-1:{list_id}"
+    sync(instance, partition)
+    sync(instance, partition, full_refresh=True)
+    n = len(expected_contacts(sb, list_id))
+    assert sb.ometria_writes("client-1") == 2 * n  # every record sent twice...
+    assert len(sb.ometria_contacts("client-1")) == n  # ...and held once
+    assert_ometria_matches(sb, partition)
+
+
+def test_two_lists_land_in_their_own_collections(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
+    sb = small_env.sandbox
+    for list_id in sb.client("client-1").list_ids:
+        sync(instance, f"client-1:{list_id}")
+    for list_id in sb.client("client-1").list_ids:
+        assert_ometria_matches(sb, f"client-1:{list_id}")
+
+
+def test_a_failed_import_keeps_the_watermark(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    partition = f"client-1:{list_id}"
+    sync(instance, partition)
+    watermark = latest_watermark(instance, partition)
+    sb.add_member(list_id, "another@example.org")
+    settle()
+    sb.revoke("client-1", "ometria")
+    result = sync(instance, partition, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message  # type: ignore[union-attr]
+    assert f"Ometria client 'client-1', list {list_id}: 403" in message
+    assert latest_watermark(instance, partition) == watermark
+    sb.revoke("client-1", "ometria", revoked=False)
+    assert sync(instance, partition).success
+    assert_ometria_matches(sb, partition)
+
+
+def test_a_partition_not_in_the_registry_is_refused(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
+    result = sync(instance, "client-1:0123456789", raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert (
+        "list 0123456789 is not among the lists of client 'client-1' in the registry"
+        in failure.event_specific_data.error.message
+    )
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_old_run_folders_are_pruned(
+    small_env: LocalEnvironment, instance: DagsterInstance, keep: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mc_pipeline import definitions
+    from mc_pipeline.storage import PipelineStorage
+
+    original = definitions.resources
+
+    def with_retention() -> dict:
+        return {**original(), "storage": PipelineStorage(keep_runs=keep)}
+
+    monkeypatch.setattr("mc_pipeline_tests.helpers.resources", with_retention)
+    list_id = small_env.sandbox.client("client-1").list_ids[0]
+    partition = f"client-1:{list_id}"
+    for _ in range(3):
+        sync(instance, partition)
+    runs = Path(small_env.data_dir, "lists", "client-1", list_id, "runs")
+    assert len([p for p in runs.iterdir() if p.is_dir()]) == keep

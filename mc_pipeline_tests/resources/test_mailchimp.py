@@ -1,0 +1,154 @@
+"""The Mailchimp client against the sandbox: paging, fields, the connection limit, the error policy."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from mc_pipeline.local import LocalEnvironment
+from mc_pipeline.registry import YamlClientRegistry
+from mc_pipeline.resources.errors import MailchimpAuthError, MailchimpNotFound, MailchimpUnavailable
+from mc_pipeline.resources.mailchimp import (
+    MEMBERS_FIELDS_PARAM,
+    MailchimpResource,
+    Page,
+    datacenter_url,
+)
+from mc_pipeline.sandbox import Latency
+
+FAST = MailchimpResource(backoff_base_s=0.01, backoff_cap_s=0.05)
+
+
+def client_of(env: LocalEnvironment, resource: MailchimpResource = FAST):
+    return resource.client(YamlClientRegistry(env.registry).client("client-1"))
+
+
+def collect(env: LocalEnvironment, list_id: str, resource: MailchimpResource = FAST, **window):
+    pages: list[Page] = []
+    lock = threading.Lock()
+
+    def on_page(p: Page) -> None:
+        with lock:
+            pages.append(p)
+
+    with client_of(env, resource) as mc:
+        stats, total = mc.fetch_members(
+            list_id, since=window.get("since"), before=window.get("before"), on_page=on_page
+        )
+    ids = [m["id"] for p in pages for m in orjson.loads(p.raw)["members"]]
+    return stats, total, pages, ids
+
+
+def test_datacenter_comes_from_the_key() -> None:
+    assert datacenter_url("0123456789abcdef0123456789abcdef-us6") == "https://us6.api.mailchimp.com/3.0"
+    with pytest.raises(ValueError, match="not of the form"):
+        datacenter_url("nodatacenter")
+
+
+def test_pages_cover_the_list_exactly_once_with_only_the_needed_fields(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]  # 2,600 members, some archived
+    expected = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+    stats, total, pages, ids = collect(small_env, list_id)
+    assert total == len(expected) and len(ids) == len(expected) and set(ids) == expected
+    assert sorted(p.offset for p in pages) == [0, 1000, 2000]
+    assert stats.calls == 3 and stats.retries == 0
+    log = sb.request_log("mailchimp:client-1")
+    assert {r.query["fields"] for r in log} == {MEMBERS_FIELDS_PARAM}
+    assert {r.query["count"] for r in log} == {"1000"}
+    first = orjson.loads(pages[0].raw)["members"][0]
+    assert "_links" not in first and "stats" not in first and set(first["location"]) == {"country_code"}
+
+
+def test_the_window_is_sent_and_respected(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    members = sb.mailchimp_list(list_id).members(include_archived=False)
+    cut = sorted(m["last_changed"] for m in members)[len(members) // 2]
+    since = datetime.fromisoformat(cut)
+    _, total, _, ids = collect(small_env, list_id, since=since, before=datetime.now(UTC))
+    assert set(ids) == {m["id"] for m in members if m["last_changed"] > cut}
+    assert total == len(ids)
+    query = sb.request_log("mailchimp:client-1")[-1].query
+    assert query["since_last_changed"] == since.isoformat()
+    assert query["sort_field"] == "last_changed"
+
+
+def test_two_lists_of_one_account_never_exceed_ten_in_flight(small_env: LocalEnvironment) -> None:
+    """Each fetch uses 10 threads; the process-wide account gate keeps the sum at 10."""
+    sb = small_env.sandbox
+    sb.state.config.mailchimp.latency = Latency(base_ms=60)
+    list_a, list_b = sb.client("client-1").list_ids
+    resource = MailchimpResource(page_size=100, backoff_base_s=0.01)  # many pages, all concurrent
+    results: dict[str, set[str]] = {}
+
+    def fetch(list_id: str) -> None:
+        results[list_id] = set(collect(small_env, list_id, resource)[3])
+
+    threads = [threading.Thread(target=fetch, args=(lid,)) for lid in (list_a, list_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = sb.stats("mailchimp:client-1")
+    assert stats["throttled"] == 0, "the sandbox answered 429: more than 10 requests were in flight"
+    assert stats["peak_in_flight"] == 10  # and the limit was used, not merely respected
+    for lid in (list_a, list_b):
+        assert results[lid] == {m["id"] for m in sb.mailchimp_list(lid).members(include_archived=False)}
+
+
+def test_throttling_and_transient_faults_are_retried(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]
+    sb.script_faults(list_id, ["429", "500", "drop", "truncate", "503", "403_throttle", "504"])
+    stats, total, _, ids = collect(small_env, list_id)
+    assert len(ids) == total == len(set(ids))
+    assert stats.retries == 7 and stats.throttled == 2
+    assert stats.calls == 3 + 7
+    assert sb.stats("mailchimp:client-1")["peak_in_flight"] <= 10
+
+
+def test_retries_are_bounded(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    sb.script_faults(list_id, ["500"] * 20)
+    resource = MailchimpResource(max_attempts=3, backoff_base_s=0.01)
+    with pytest.raises(MailchimpUnavailable, match=f"client 'client-1', list {list_id}: gave up after 3 attempts"):
+        collect(small_env, list_id, resource)
+    assert sb.stats("mailchimp:client-1")["requests"] == 3
+
+
+def test_a_bad_key_fails_at_once_and_names_client_and_list(
+    small_env: LocalEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    monkeypatch.setenv("MC_SANDBOX_CLIENT_1_MAILCHIMP_KEY", "0" * 32 + "-us6")
+    with pytest.raises(MailchimpAuthError) as err:
+        collect(small_env, list_id)
+    assert str(err.value).startswith(f"Mailchimp client 'client-1', list {list_id}: 401 API Key Invalid")
+    assert "0" * 32 not in str(err.value)
+    assert sb.stats("mailchimp:<unknown>")["requests"] == 1  # no retry
+
+
+def test_a_revoked_account_fails_at_once(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    sb.revoke("client-1", "mailchimp")
+    with pytest.raises(MailchimpAuthError, match="403 User Disabled"):
+        collect(small_env, sb.client("client-1").list_ids[0])
+    assert sb.stats("mailchimp:client-1")["requests"] == 1
+
+
+def test_an_unknown_list_fails_at_once(small_env: LocalEnvironment) -> None:
+    with pytest.raises(MailchimpNotFound, match="client 'client-1', list 00000000ff: 404 Resource Not Found"):
+        collect(small_env, "00000000ff")
+    assert small_env.sandbox.stats("mailchimp:client-1")["requests"] == 1
+
+
+def test_all_lists_of_an_account(small_env: LocalEnvironment) -> None:
+    with client_of(small_env) as mc:
+        lists = mc.lists()
+    assert [x["id"] for x in lists] == list(small_env.sandbox.client("client-1").list_ids)

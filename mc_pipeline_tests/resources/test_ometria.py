@@ -1,0 +1,87 @@
+"""The Ometria client against the sandbox: the rate limit held, safe retries, auth stops at once."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from mc_pipeline.local import LocalEnvironment
+from mc_pipeline.registry import YamlClientRegistry
+from mc_pipeline.resources.errors import OmetriaAuthError, OmetriaUnavailable
+from mc_pipeline.resources.limits import SlidingWindowLimiter
+from mc_pipeline.resources.ometria import OmetriaResource, PushStats
+
+FAST = OmetriaResource(backoff_base_s=0.01, backoff_cap_s=0.05)
+
+
+def records(start: int, n: int) -> list[dict]:
+    return [
+        {
+            "@type": "contact",
+            "@collection": "test",
+            "id": f"c{i}",
+            "email": f"person{i}@example.org",
+            "marketing_optin": "EXPLICITLY_OPTEDIN",
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def client_of(env: LocalEnvironment, resource: OmetriaResource = FAST):
+    return resource.client(YamlClientRegistry(env.registry).client("client-1"))
+
+
+def test_twenty_batches_stay_under_eight_per_second(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    om = client_of(small_env)
+    stats = PushStats()
+    for b in range(20):
+        result = om.push(orjson.dumps(records(b * 100, 100)), 100, stats)
+        assert (result.accepted, result.rejected) == (100, 0)
+    assert sb.stats("ometria:client-1")["throttled"] == 0
+    assert stats.requests == 20 and stats.pushed == 2000
+    assert len(sb.ometria_contacts("client-1", "test")) == 2000
+
+
+def test_limiter_never_admits_more_than_rate_in_a_window() -> None:
+    import time
+
+    limiter = SlidingWindowLimiter(8, 0.2, margin_s=0.0)  # a fast window for a quick test
+    starts = []
+    for _ in range(40):
+        limiter.acquire()
+        starts.append(time.monotonic())
+    for i in range(len(starts) - 8):
+        assert starts[i + 8] - starts[i] >= 0.2 - 1e-3
+
+
+def test_lost_answers_and_server_errors_are_retried_without_duplicates(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    sb.script_faults("client-1", ["store_then_drop", "500", "drop", "429"])
+    stats = PushStats()
+    result = client_of(small_env).push(orjson.dumps(records(0, 50)), 50, stats)
+    assert result.accepted == 50
+    assert stats.retries == 4 and stats.throttled == 1
+    assert len(sb.ometria_contacts("client-1", "test")) == 50  # stored twice, held once
+    assert sb.ometria_writes("client-1") == 100
+
+
+def test_a_bad_key_stops_at_once(small_env: LocalEnvironment, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MC_SANDBOX_CLIENT_1_OMETRIA_KEY", "wrong-key-value")
+    with pytest.raises(OmetriaAuthError, match="Ometria client 'client-1': 401"):
+        client_of(small_env).push(orjson.dumps(records(0, 1)), 1, PushStats())
+    assert "wrong-key-value" not in str(small_env.sandbox.stats())
+    assert small_env.sandbox.stats("ometria:<unknown>")["requests"] == 1
+
+
+def test_persistent_5xx_give_up_with_a_clear_error(small_env: LocalEnvironment) -> None:
+    small_env.sandbox.script_faults("client-1", ["503"] * 10)
+    with pytest.raises(OmetriaUnavailable, match="gave up after 3 attempts; last cause: 503"):
+        client_of(small_env, OmetriaResource(max_attempts=3, backoff_base_s=0.01)).push(
+            orjson.dumps(records(0, 1)), 1, PushStats()
+        )
+
+
+def test_batches_over_one_hundred_are_refused_locally(small_env: LocalEnvironment) -> None:
+    with pytest.raises(ValueError, match="at most 100"):
+        client_of(small_env).push(b"[]", 101, PushStats())

@@ -1,0 +1,112 @@
+"""The client registry: what it accepts, and errors that name the file, line, client and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mc_pipeline.registry import (
+    RegistryError,
+    SecretError,
+    SecretRef,
+    YamlClientRegistry,
+    parse_partition_key,
+    partition_key,
+)
+
+GOOD = """\
+clients:
+  - id: acme
+    mailchimp: {api_key: {env: ACME_MC}, base_url: "http://localhost:8080/3.0/"}
+    ometria: {api_key: {file: /run/secrets/acme_ometria}}
+    lists: [1a2d7ebf82, 0123456789]
+  - id: globex-uk
+    mailchimp: {api_key: {env: GLOBEX_MC}}
+    ometria: {api_key: {env: GLOBEX_OM}}
+    lists: all
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "clients.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_registry_loads(tmp_path: Path) -> None:
+    reg = YamlClientRegistry(write(tmp_path, GOOD))
+    acme = reg.client("acme")
+    assert acme.lists == ["1a2d7ebf82", "0123456789"]
+    assert acme.mailchimp.base_url == "http://localhost:8080/3.0"
+    assert acme.collection("1a2d7ebf82") == "mailchimp-1a2d7ebf82"
+    assert reg.client("globex-uk").lists == "all"
+    with pytest.raises(KeyError, match="initech"):
+        reg.client("initech")
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("  - id: Acme/..\n", "client 'Acme/..' field id"),
+        ("    colour: red\n", "field colour: Extra inputs are not permitted"),
+        ("    lists: [http://evil.example/x]\n", "field lists.0"),
+        ("    lists: ['../../etc']\n", "field lists.0"),
+    ],
+)
+def test_bad_entries_are_named(tmp_path: Path, entry: str, expected: str) -> None:
+    base = [
+        "clients:",
+        "  - id: acme",
+        "    mailchimp: {api_key: {env: ACME_MC}}",
+        "    ometria: {api_key: {env: ACME_OM}}",
+        "    lists: [1a2d7ebf82]",
+    ]
+    if entry.startswith("  - id:"):
+        base[1] = entry.rstrip("\n")
+    elif "lists" in entry:
+        base[4] = entry.rstrip("\n")
+    else:
+        base.append(entry.rstrip("\n"))
+    path = write(tmp_path, "\n".join(base) + "\n")
+    with pytest.raises(RegistryError) as err:
+        YamlClientRegistry(path).clients()
+    message = str(err.value)
+    assert str(path) in message and expected in message
+    assert f"{path}:" in message  # with a line number
+
+
+def test_a_missing_credential_reference_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "clients:\n  - id: acme\n    mailchimp: {api_key: {}}\n    ometria: {api_key: {env: X}}\n    lists: all\n",
+    )
+    with pytest.raises(RegistryError, match=r"clients.yaml:3: client 'acme' field mailchimp.api_key"):
+        YamlClientRegistry(path).clients()
+
+
+def test_duplicate_client_ids_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + GOOD.split("\n", 1)[1])
+    with pytest.raises(RegistryError, match="'acme' appears more than once"):
+        YamlClientRegistry(path).clients()
+
+
+def test_secrets_resolve_from_env_and_files_and_never_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_KEY", "s3cr3t-value")
+    secret = SecretRef(env="MY_KEY").resolve()
+    assert secret.get_secret_value() == "s3cr3t-value"
+    assert "s3cr3t" not in repr(secret) and "s3cr3t" not in str(secret)
+    (tmp_path / "key").write_text("from-file\n")
+    assert SecretRef(file=str(tmp_path / "key")).resolve().get_secret_value() == "from-file"
+    monkeypatch.delenv("MY_KEY")
+    with pytest.raises(SecretError, match="environment variable MY_KEY is not set"):
+        SecretRef(env="MY_KEY").resolve()
+    with pytest.raises(SecretError, match="cannot be read"):
+        SecretRef(file=str(tmp_path / "missing")).resolve()
+
+
+def test_partition_keys_round_trip_and_refuse_hostile_values() -> None:
+    assert parse_partition_key(partition_key("acme", "1a2d7ebf82")) == ("acme", "1a2d7ebf82")
+    for bad in ("acme", "acme:1A2D7EBF82", "../x:1a2d7ebf82", "acme:1a2d7ebf82/..", "acme:http://x", ":"):
+        with pytest.raises(ValueError, match="is not '<client_id>:<list_id>'"):
+            parse_partition_key(bad)

@@ -1,0 +1,95 @@
+"""Page parsing and the staging writer: wrong types never fail a page; duplicates resolve to the latest."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from mc_pipeline.staging import STAGING_SCHEMA, StagingWriter, id_keys, parse_page
+
+
+def page(*members: object, total: int | None = None) -> bytes:
+    return orjson.dumps({"members": list(members), "total_items": total if total is not None else len(members)})
+
+
+def test_wrong_types_become_nulls_not_failures() -> None:
+    weird = {
+        "id": "a" * 32,
+        "email_address": 12345,
+        "status": ["subscribed"],
+        "merge_fields": "not an object",
+        "location": None,
+        "vip": "yes",
+        "member_rating": 10**9,
+        "timestamp_opt": "yesterday",
+        "last_changed": "2024-01-01T00:00:00Z",
+        "tags": [{"id": 1}, "x", {"name": "ok"}],
+    }
+    table, dead = parse_page(page(weird))
+    assert not dead
+    row = table.to_pylist()[0]
+    assert row["email_address"] == "12345"
+    assert row["status"] is None
+    assert row["fname"] is None and row["merge_fields_json"] == "{}"
+    assert row["vip"] is None and row["member_rating"] is None
+    assert row["timestamp_opt"] is None
+    assert row["last_changed"] == datetime(2024, 1, 1, tzinfo=UTC)
+    assert row["tags"] == ["ok"]
+
+
+def test_members_without_id_are_dead_letters() -> None:
+    table, dead = parse_page(page({"id": "b" * 32}, {"email_address": "x@y.z"}, "junk", {"id": ""}))
+    assert table.num_rows == 1
+    assert [d["reason"] for d in dead] == ["member without an id"] * 3
+    assert '"email_address":"x@y.z"' in dead[0]["payload"]
+
+
+def test_a_page_without_members_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no 'members' list"):
+        parse_page(orjson.dumps({"total_items": 3}), 2000)
+
+
+def test_id_keys_are_stable_and_distinct() -> None:
+    import pyarrow as pa
+
+    hex_ids = pa.array(["%032x" % i for i in range(1000)])
+    keys = id_keys(hex_ids)
+    assert len(set(keys.tolist())) == 1000
+    odd = pa.array(["not-hex-" + str(i) for i in range(10)])
+    assert len(set(id_keys(odd).tolist())) == 10
+
+
+def test_writer_keeps_the_latest_version_of_a_duplicate(tmp_path: Path) -> None:
+    def m(i: int, changed: str, name: str) -> dict:
+        return {
+            "id": "%032x" % i,
+            "email_address": f"m{i}@x.org",
+            "last_changed": changed,
+            "merge_fields": {"FNAME": name},
+        }
+
+    writer = StagingWriter(tmp_path / "members.parquet")
+    writer.write_page(page(m(1, "2024-01-01T00:00:00+00:00", "old"), m(2, "2024-01-01T00:00:00+00:00", "two")), 0)
+    writer.write_page(page(m(1, "2024-03-01T00:00:00+00:00", "new"), m(3, "2024-01-01T00:00:00+00:00", "three")), 2)
+    writer.write_page(page(m(2, "2024-01-01T00:00:00+00:00", "two-later-page")), 4)
+    summary = writer.close()
+    table = pq.read_table(tmp_path / "members.parquet")
+    assert table.schema.equals(STAGING_SCHEMA, check_metadata=False)
+    names = dict(zip(table.column("member_id").to_pylist(), table.column("fname").to_pylist(), strict=True))
+    assert names == {"%032x" % 1: "new", "%032x" % 2: "two-later-page", "%032x" % 3: "three"}
+    assert summary.rows == 3 and summary.duplicates == 2
+
+
+def test_writer_without_duplicates_streams_row_groups(tmp_path: Path) -> None:
+    writer = StagingWriter(tmp_path / "m.parquet")
+    for p in range(60):
+        writer.write_page(page(*[{"id": "%032x" % (p * 1000 + i)} for i in range(1000)]), p * 1000)
+    summary = writer.close()
+    meta = pq.ParquetFile(tmp_path / "m.parquet").metadata
+    assert summary.rows == 60_000 and summary.duplicates == 0
+    assert meta.num_rows == 60_000 and meta.num_row_groups >= 2
+    assert not (tmp_path / "m.parquet.partial").exists()
