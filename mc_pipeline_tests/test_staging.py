@@ -56,7 +56,7 @@ def test_a_page_without_members_is_an_error() -> None:
 def test_id_keys_are_stable_and_distinct() -> None:
     import pyarrow as pa
 
-    hex_ids = pa.array(["%032x" % i for i in range(1000)])
+    hex_ids = pa.array([f"{i:032x}" for i in range(1000)])
     keys = id_keys(hex_ids)
     assert len(set(keys.tolist())) == 1000
     odd = pa.array(["not-hex-" + str(i) for i in range(10)])
@@ -66,7 +66,7 @@ def test_id_keys_are_stable_and_distinct() -> None:
 def test_writer_keeps_the_latest_version_of_a_duplicate(tmp_path: Path) -> None:
     def m(i: int, changed: str, name: str) -> dict:
         return {
-            "id": "%032x" % i,
+            "id": f"{i:032x}",
             "email_address": f"m{i}@x.org",
             "last_changed": changed,
             "merge_fields": {"FNAME": name},
@@ -80,14 +80,14 @@ def test_writer_keeps_the_latest_version_of_a_duplicate(tmp_path: Path) -> None:
     table = pq.read_table(tmp_path / "members.parquet")
     assert table.schema.equals(STAGING_SCHEMA, check_metadata=False)
     names = dict(zip(table.column("member_id").to_pylist(), table.column("fname").to_pylist(), strict=True))
-    assert names == {"%032x" % 1: "new", "%032x" % 2: "two-later-page", "%032x" % 3: "three"}
+    assert names == {f"{1:032x}": "new", f"{2:032x}": "two-later-page", f"{3:032x}": "three"}
     assert summary.rows == 3 and summary.duplicates == 2
 
 
 def test_writer_without_duplicates_streams_row_groups(tmp_path: Path) -> None:
     writer = StagingWriter(tmp_path / "m.parquet")
     for p in range(60):
-        writer.write_page(page(*[{"id": "%032x" % (p * 1000 + i)} for i in range(1000)]), p * 1000)
+        writer.write_page(page(*[{"id": f"{p * 1000 + i:032x}"} for i in range(1000)]), p * 1000)
     summary = writer.close()
     meta = pq.ParquetFile(tmp_path / "m.parquet").metadata
     assert summary.rows == 60_000 and summary.duplicates == 0
