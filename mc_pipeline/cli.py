@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,49 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mc_pipeline.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def _instance():
+    from dagster import DagsterInstance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        raise SystemExit("DAGSTER_HOME is not set: partitions live in a Dagster instance (see the README)")
+    return DagsterInstance.get()
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    from mc_pipeline.partitions import MAILCHIMP_LISTS
+    from mc_pipeline.registry import parse_partition_key
+
+    instance = _instance()
+    if args.action == "list":
+        for key in instance.get_dynamic_partitions(MAILCHIMP_LISTS):
+            print(key)
+        return 0
+    for key in args.keys:
+        try:
+            parse_partition_key(key)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.action == "add":
+        new = [k for k in args.keys if not instance.has_dynamic_partition(MAILCHIMP_LISTS, k)]
+        instance.add_dynamic_partitions(MAILCHIMP_LISTS, new)
+        print(
+            f"added {len(new)} partitions"
+            + (f" ({len(args.keys) - len(new)} existed)" if len(new) < len(args.keys) else "")
+        )
+    else:
+        for key in args.keys:
+            instance.delete_dynamic_partition(MAILCHIMP_LISTS, key)
+        print(f"removed {len(args.keys)} partitions")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mc-pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -85,13 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--write-registry", help="write a client registry pointing at this sandbox")
     sb.add_argument("--write-env", help="write the sandbox keys as an env file (mode 600)")
     sb.set_defaults(func=cmd_sandbox)
+
+    demo = sub.add_parser("demo", help="full and incremental syncs through Dagster against the sandbox")
+    demo.add_argument("--members", default="20000,100000", help="sizes of the demo client's lists")
+    demo.add_argument("--home", default=".mc_pipeline_demo", help="folder for the Dagster instance and data")
+    demo.add_argument("--port", type=int, default=8765, help="sandbox port (kept so the registry stays valid)")
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--keep", action="store_true", help="keep the previous demo's history")
+    demo.set_defaults(func=cmd_demo)
+
+    parts = sub.add_parser("partitions", help="list, add or remove mailchimp_lists partitions (DAGSTER_HOME)")
+    parts.add_argument("action", choices=["list", "add", "remove"])
+    parts.add_argument("keys", nargs="*", metavar="CLIENT:LIST", help="e.g. acme:1a2d7ebf82")
+    parts.set_defaults(func=cmd_partitions)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -64,3 +64,34 @@ def sandbox_environment(
     finally:
         if own:
             sb.stop()
+
+
+def expected_contacts(sb: Sandbox, list_id: str) -> dict[str, dict]:
+    """What Ometria should hold for a list: every member Mailchimp lists by default, by contact id."""
+    return {m["contact_id"]: m for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+
+
+def ometria_differences(sb: Sandbox, client_id: str, list_id: str, collection: str) -> list[str]:
+    """Where the sandbox's Ometria differs from Mailchimp for one list; empty when they agree."""
+    from mc_pipeline.transform import OPTIN
+
+    held = sb.ometria_contacts(client_id, collection)
+    expected = expected_contacts(sb, list_id)
+    problems = []
+    missing, extra = set(expected) - set(held), set(held) - set(expected)
+    if missing:
+        problems.append(f"{len(missing)} contacts missing from Ometria")
+    if extra:
+        problems.append(f"{len(extra)} contacts in Ometria that Mailchimp does not list")
+    wrong = [
+        cid
+        for cid, m in expected.items()
+        if cid in held
+        and (
+            held[cid].get("email") != m["email_address"].strip()
+            or held[cid].get("marketing_optin") != OPTIN[m["status"]]
+        )
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} contacts with a stale email or opt-in")
+    return problems
