@@ -79,6 +79,9 @@ class MailchimpAccount(BaseModel):
     api_key: SecretRef
     base_url: str | None = Field(None, description="overrides the datacenter URL, e.g. the sandbox's")
     max_connections: int = Field(10, ge=1, le=10, description="Mailchimp allows 10 simultaneous per account")
+    account: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
+    )
 
     _url = field_validator("base_url")(lambda v: _http_url(v))
 
@@ -89,6 +92,9 @@ class OmetriaAccount(BaseModel):
     api_key: SecretRef
     base_url: str | None = None
     requests_per_second: float = Field(8.0, gt=0, le=8.0, description="Ometria's push limit per account")
+    account: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
+    )
 
     _url = field_validator("base_url")(lambda v: _http_url(v))
 
@@ -115,10 +121,6 @@ class Client(BaseModel):
         """Ometria `@collection` for one Mailchimp list: one collection per client list."""
         return f"{self.collection_prefix}-{list_id}"
 
-    @property
-    def account_tag(self) -> str:
-        """A non-secret name of the Mailchimp account, for run tags and concurrency limits."""
-        return f"{self.id}"
 
 
 class RegistryFile(BaseModel):
