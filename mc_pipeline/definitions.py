@@ -5,6 +5,7 @@ from __future__ import annotations
 from dagster import Definitions, EnvVar, in_process_executor
 
 from mc_pipeline.assets import ASSETS
+from mc_pipeline.automation import CHECKS, JOBS, SCHEDULES, SENSORS
 from mc_pipeline.io_manager import StateIOManager
 from mc_pipeline.jobs import sync_job
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource, OmetriaResource
@@ -23,7 +24,10 @@ def resources() -> dict[str, object]:
 
 defs = Definitions(
     assets=ASSETS,
-    jobs=[sync_job],
+    asset_checks=CHECKS,
+    jobs=[sync_job, *JOBS],
+    sensors=SENSORS,
+    schedules=SCHEDULES,
     resources=resources(),
     executor=in_process_executor,
 )

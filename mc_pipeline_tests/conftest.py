@@ -35,3 +35,53 @@ def small_env(tmp_path: Path) -> Iterator[LocalEnvironment]:
         SandboxConfig.generated(clients=1, lists_per_client=2, members=[1200, 2600]), tmp_path / "work"
     ) as env:
         yield env
+
+
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards.
+
+    Unreachable PostgreSQL fails the test under CI (CI=true) and skips it elsewhere.
+    """
+    import uuid
+
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
+    except psycopg2.OperationalError as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required under CI: {exc}")
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
+    admin.autocommit = True
+    name = f"mc_pipeline_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
+
+
+@pytest.fixture
+def pg_instance(pg_database: str, tmp_path: Path) -> Iterator[DagsterInstance]:
+    """A DagsterInstance whose run, event log and schedule storage are that PostgreSQL database."""
+    home = tmp_path / "pg_dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_db:\n"
+        f"      hostname: {PG['host']}\n      port: {PG['port']}\n      username: {PG['user']}\n"
+        f"      password: ''\n      db_name: {pg_database}\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    instance = DagsterInstance.from_config(str(home))
+    try:
+        yield instance
+    finally:
+        instance.dispose()

@@ -69,7 +69,7 @@ def sync_window(context: AssetExecutionContext, full_refresh: bool) -> Window:
     """since = the last import's watermark (none, or a full refresh: the whole list);
     before = one second before the run's start, so a change in the very second the run began
     (which Mailchimp stamps with that second) falls in the next window, never in a gap."""
-    before = run_started_at(context.instance, context.run_id).replace(microsecond=0) - timedelta(seconds=1)
+    before = run_started_at(context.instance, context.run.run_id).replace(microsecond=0) - timedelta(seconds=1)
     since = None if full_refresh else latest_watermark(context.instance, context.partition_key)
     if since is not None and since >= before:
         since = before  # a clock step back: an empty window rather than an inverted one
@@ -114,7 +114,7 @@ def member_pages(
     partition = context.partition_key
     client, list_id = registry.client_for_partition(partition)
     window = sync_window(context, config.full_refresh)
-    folder = storage.run_folder(partition, context.run_id)
+    folder = storage.run_folder(partition, context.run.run_id)
     folder.pages.mkdir(parents=True, exist_ok=True)
     context.log.info(
         f"{partition}: {'full' if window.full_refresh else 'incremental'} sync of list {list_id}, "
@@ -145,7 +145,7 @@ def member_pages(
         partition=partition,
         client_id=client.id,
         list_id=list_id,
-        run_id=context.run_id,
+        run_id=context.run.run_id,
         folder=str(folder.root),
         window=window,
     )

@@ -1,0 +1,17 @@
+"""What runs without anyone: the registry sensor, the failure alerts, the schedules, freshness checks."""
+
+from mc_pipeline.automation.checks import contacts_freshness
+from mc_pipeline.automation.schedules import (
+    freshness_check_job,
+    freshness_checks,
+    hourly_incremental_sync,
+    weekly_full_refresh,
+)
+from mc_pipeline.automation.sensors import mailchimp_lists_sensor, sync_failure_alerts
+
+SENSORS = [mailchimp_lists_sensor, sync_failure_alerts]
+SCHEDULES = [hourly_incremental_sync, weekly_full_refresh, freshness_checks]
+CHECKS = [contacts_freshness]
+JOBS = [freshness_check_job]
+
+__all__ = ["CHECKS", "JOBS", "SCHEDULES", "SENSORS"]
