@@ -78,6 +78,8 @@ def pg_instance(pg_database: str, tmp_path: Path) -> Iterator[DagsterInstance]:
         "storage:\n  postgres:\n    postgres_db:\n"
         f"      hostname: {PG['host']}\n      port: {PG['port']}\n      username: {PG['user']}\n"
         f"      password: ''\n      db_name: {pg_database}\n"
+        # SQLAlchemy 2.1 maps postgresql:// to psycopg 3; dagster-postgres ships psycopg2.
+        "      scheme: postgresql+psycopg2\n"
         "telemetry:\n  enabled: false\n"
     )
     instance = DagsterInstance.from_config(str(home))
