@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_sandbox)
 
     demo = sub.add_parser("demo", help="full and incremental syncs through Dagster against the sandbox")
-    demo.add_argument("--members", default="20000,100000", help="sizes of the demo client's lists")
+    demo.add_argument("--clients", type=int, default=1, help="clients (accounts), each with the lists below")
+    demo.add_argument("--members", default="20000,100000", help="sizes of each client's lists")
     demo.add_argument("--home", default=".mc_pipeline_demo", help="folder for the Dagster instance and data")
     demo.add_argument("--port", type=int, default=8765, help="sandbox port (kept so the registry stays valid)")
     demo.add_argument("--seed", type=int, default=42)

@@ -1,37 +1,44 @@
 """`mc-pipeline demo`: the whole product on one machine, against the embedded sandbox.
 
-Full syncs of a client's two lists through Dagster, changes made in the sandbox's Mailchimp,
-an incremental sync, then a check that the sandbox's Ometria holds exactly what Mailchimp
-lists. Runs land in a project-local Dagster instance, so `dagster dev` shows the same history.
+A real `dagster-daemon` does the work: its sensor turns the registry's lists into partitions
+and requests full syncs, the run queue launches them (one run at a time per account), the
+hourly schedule (ticking every minute here) runs incremental syncs after the demo changes the
+sandbox's Mailchimp lists. At the end the sandbox's Ometria must hold exactly what Mailchimp
+lists. Runs land in a project-local instance, so `dagster dev` shows the same history.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mc_pipeline.local import LocalEnvironment, ometria_differences, patched_environ, sandbox_environment
-from mc_pipeline.registry import parse_partition_key
+from mc_pipeline.local import (
+    dagster_daemon,
+    local_instance_yaml,
+    ometria_differences,
+    patched_environ,
+    sandbox_environment,
+)
+from mc_pipeline.registry import YamlClientRegistry, parse_partition_key
 from mc_pipeline.sandbox import Sandbox, SandboxConfig
 from mc_pipeline.sandbox.registry import key_environment
+from mc_pipeline.tags import SYNC_KIND
+
+TIMEOUT_S = 3600
 
 
 @dataclass
-class StepFigures:
+class RunFigures:
     partition: str
     kind: str
+    run_id: str
     members: int = 0
     api_calls: int = 0
-    pages: int = 0
     pushed: int = 0
     requests: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -42,75 +49,42 @@ def _print(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-@contextmanager
-def progress(sb: Sandbox, partition: str, label: str) -> Iterator[None]:
-    """One status line, redrawn twice a second from what the sandbox has served so far."""
-    client_id, list_id = parse_partition_key(partition)
-    stop = threading.Event()
-    started = time.monotonic()
-    base_writes = sb.ometria_writes(client_id)
-    tty = sys.stdout.isatty()
+def run_figures(instance: Any, run_id: str, partition: str, kind: str) -> RunFigures:
+    """Members, calls and seconds per step, read back from the run's events in the instance."""
+    from dagster import DagsterEventType
 
-    def draw() -> None:
-        while not stop.wait(0.5 if tty else 10):
-            log = sb.request_log(f"mailchimp:{client_id}")
-            pages = sum(1 for r in log if r.started >= started and list_id in r.path and r.status == 200)
-            pushed = sb.ometria_writes(client_id) - base_writes
-            elapsed = time.monotonic() - started
-            line = f"  {label:<34} {pages:>4} pages fetched   {pushed:>8,} contacts pushed   {elapsed:6.1f}s"
-            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-
-    thread = threading.Thread(target=draw, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        if tty:
-            print("\r" + " " * 100 + "\r", end="", flush=True)
-
-
-def run_sync(instance: Any, partition: str, full_refresh: bool) -> tuple[Any, float]:
-    from mc_pipeline.definitions import defs
-    from mc_pipeline.jobs import SYNC_JOB, sync_run_config
-    from mc_pipeline.partitions import MAILCHIMP_LISTS
-
-    if not instance.has_dynamic_partition(MAILCHIMP_LISTS, partition):
-        instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])
-    started = time.monotonic()
-    result = defs.resolve_job_def(SYNC_JOB).execute_in_process(
-        instance=instance, partition_key=partition, run_config=sync_run_config(full_refresh), raise_on_error=False
-    )
-    return result, time.monotonic() - started
-
-
-def figures(result: Any, partition: str, kind: str, wall: float) -> StepFigures:
-    fig = StepFigures(partition=partition, kind=kind, wall=wall)
-    for event in result.get_asset_materialization_events():
-        mat = event.event_specific_data.materialization
-        md = {k: v.value for k, v in mat.metadata.items()}
-        name = mat.asset_key.to_user_string()
-        if name == "mailchimp/member_pages":
-            fig.members, fig.api_calls, fig.pages = md["members"], md["api_calls"], md["pages"]
-            fig.seconds["fetch"] = md["seconds"]
-        elif name == "mailchimp/members":
-            fig.seconds["stage"] = md["seconds"]
-        elif name == "ometria/contacts":
-            fig.pushed, fig.requests = md["pushed"], md["requests"]
-            fig.seconds["import"] = md["seconds"]
-    for event in result.all_events:  # the transform op's own output carries its timing
-        if event.event_type_value == "STEP_OUTPUT" and (event.step_key or "").endswith("to_ometria_records"):
+    fig = RunFigures(partition=partition, kind=kind, run_id=run_id)
+    record = instance.get_run_record_by_id(run_id)
+    if record and record.start_time and record.end_time:
+        fig.wall = record.end_time - record.start_time
+    events = instance.get_records_for_run(
+        run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.STEP_OUTPUT}
+    ).records
+    for rec in events:
+        event = rec.event_log_entry.dagster_event
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            mat = event.event_specific_data.materialization
+            md = {k: v.value for k, v in mat.metadata.items()}
+            name = mat.asset_key.to_user_string()
+            if name == "mailchimp/member_pages":
+                fig.members, fig.api_calls = md["members"], md["api_calls"]
+                fig.seconds["fetch"] = md["seconds"]
+            elif name == "mailchimp/members":
+                fig.seconds["stage"] = md["seconds"]
+            elif name == "ometria/contacts":
+                fig.pushed, fig.requests = md["pushed"], md["requests"]
+                fig.seconds["import"] = md["seconds"]
+        elif (event.step_key or "").endswith("to_ometria_records"):
             seconds = (event.event_specific_data.metadata or {}).get("seconds")
             if seconds is not None:
                 fig.seconds["transform"] = seconds.value
     return fig
 
 
-def summary_table(rows: list[StepFigures]) -> str:
+def summary_table(rows: list[RunFigures]) -> str:
     head = (
         f"{'partition':<22} {'sync':<12} {'members':>8} {'MC calls':>8} {'pushed':>8} {'OM reqs':>7} "
-        f"{'fetch s':>7} {'stage s':>7} {'xform s':>7} {'import s':>8} {'total s':>7}"
+        f"{'fetch s':>7} {'stage s':>7} {'xform s':>7} {'import s':>8} {'run s':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -118,7 +92,7 @@ def summary_table(rows: list[StepFigures]) -> str:
         lines.append(
             f"{r.partition:<22} {r.kind:<12} {r.members:>8,} {r.api_calls:>8} {r.pushed:>8,} {r.requests:>7} "
             f"{s.get('fetch', 0):>7.2f} {s.get('stage', 0):>7.2f} {s.get('transform', 0):>7.2f} "
-            f"{s.get('import', 0):>8.2f} {r.wall:>7.1f}"
+            f"{s.get('import', 0):>8.2f} {r.wall:>6.1f}"
         )
     return "\n".join(lines)
 
@@ -129,9 +103,7 @@ def mutate(sb: Sandbox, list_id: str, rng: random.Random) -> dict[str, int]:
     n = max(5, len(members) // 200)
     picked = rng.sample(members, 3 * n)
     for i in range(n):
-        sb.add_member(
-            list_id, f"demo.new.{list_id}.{i}@example.org", merge_fields={"FNAME": "New", "LNAME": f"Member {i}"}
-        )
+        sb.add_member(list_id, f"demo.new.{list_id}.{i}@example.org", merge_fields={"FNAME": "New", "LNAME": f"{i}"})
     for m in picked[:n]:
         sb.update_member(list_id, m["id"], merge_fields={"FNAME": "Changed"})
     for m in picked[n : 2 * n]:
@@ -141,7 +113,57 @@ def mutate(sb: Sandbox, list_id: str, rng: random.Random) -> dict[str, int]:
     return {"added": n, "changed": n, "unsubscribed": n, "cleaned": n}
 
 
-def run_demo(home: Path, sizes: list[int], port: int, seed: int, keep: bool) -> int:
+def wait_for_syncs(
+    instance: Any, sb: Sandbox, keys: list[str], kind: str, after: float, daemon: Any, log: Path
+) -> dict[str, str]:
+    """Until every partition has a successful `kind` run started after `after`: {partition: run id}.
+
+    Meanwhile one status line, from the instance's runs and the sandbox's counters.
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    tty = sys.stdout.isatty()
+    started = time.monotonic()
+    done: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    base_pushed = sum(sb.ometria_writes(c.client_id) for c in sb.clients())
+    last_line = 0.0
+    while len(done) + len(failed) < len(keys):
+        if daemon.poll() is not None:
+            raise RuntimeError(f"dagster-daemon exited ({daemon.returncode}); see {log}")
+        if time.monotonic() - started > TIMEOUT_S:
+            raise RuntimeError(f"{kind} syncs not done after {TIMEOUT_S}s; see {log}")
+        records = instance.get_run_records(filters=RunsFilter(tags={SYNC_KIND: kind}))
+        counts = {"queued": 0, "running": 0}
+        for rec in records:
+            run = rec.dagster_run
+            key = run.tags.get("dagster/partition")
+            if key not in keys or key in done or (rec.start_time or rec.create_timestamp.timestamp()) < after:
+                continue
+            if run.status == DagsterRunStatus.SUCCESS:
+                done[key] = run.run_id
+            elif run.status == DagsterRunStatus.FAILURE:
+                failed[key] = run.run_id
+                _print(f"\n  FAIL {key}: run {run.run_id} failed (see the Dagster UI)")
+            elif run.status == DagsterRunStatus.QUEUED:
+                counts["queued"] += 1
+            else:
+                counts["running"] += 1
+        if time.monotonic() - last_line >= (0.5 if tty else 15):
+            last_line = time.monotonic()
+            pushed = sum(sb.ometria_writes(c.client_id) for c in sb.clients()) - base_pushed
+            line = (
+                f"  {kind} syncs: {len(done)}/{len(keys)} done, {counts['running']} running, "
+                f"{counts['queued']} queued | {pushed:>9,} contacts pushed | {time.monotonic() - started:6.1f}s"
+            )
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+        time.sleep(0.5)
+    if tty:
+        print()
+    return done
+
+
+def run_demo(home: Path, clients: int, sizes: list[int], port: int, seed: int, keep: bool) -> int:
     from dagster import DagsterInstance
 
     home = home.resolve()
@@ -149,80 +171,80 @@ def run_demo(home: Path, sizes: list[int], port: int, seed: int, keep: bool) -> 
     if home.exists() and not keep:
         shutil.rmtree(home)
     dagster_home.mkdir(parents=True, exist_ok=True)
-    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    config = SandboxConfig.generated(clients=1, lists_per_client=len(sizes), members=sizes, seed=seed, port=port)
-    _print(f"Starting the sandbox (seed {seed}): generating {sum(sizes):,} Mailchimp members ...")
+    (dagster_home / "dagster.yaml").write_text(local_instance_yaml())
+    config = SandboxConfig.generated(clients=clients, lists_per_client=len(sizes), members=sizes, seed=seed, port=port)
+    total = clients * sum(sizes)
+    _print(f"Starting the sandbox (seed {seed}): {clients} client(s), {clients * len(sizes)} lists, {total:,} members")
     t0 = time.monotonic()
+    settings = {
+        "DAGSTER_HOME": str(dagster_home),
+        "MC_PIPELINE_SENSOR_INTERVAL_S": "5",
+        "MC_PIPELINE_INCREMENTAL_CRON": "* * * * *",  # the hourly schedule, every minute for the demo
+    }
+    ok = True
     with (
         Sandbox(config) as sb,
         sandbox_environment(config, home, sb) as env,
-        patched_environ({"DAGSTER_HOME": str(dagster_home)}),
+        patched_environ(settings),
     ):
         _print(f"Sandbox ready in {time.monotonic() - t0:.1f}s at {sb.base_url} (Mailchimp /3.0, Ometria /v2)")
         env_file = home / "sandbox.env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in key_environment(config).items()))
         env_file.chmod(0o600)
+        keys = env.partition_keys()
         instance = DagsterInstance.get()
-        rows: list[StepFigures] = []
-        ok = _phase(env, instance, rows, "full sync", full_refresh=True)
-        rng = random.Random(seed)
-        changes = {}
-        for partition in env.partition_keys():
-            changes[partition] = mutate(sb, parse_partition_key(partition)[1], rng)
-        _print(
-            "\nChanged the sandbox's Mailchimp lists: "
-            + "; ".join(f"{p}: {', '.join(f'{v} {k}' for k, v in c.items())}" for p, c in changes.items())
-        )
-        time.sleep(2.1)  # the window ends a second before the run starts: let the changes fall inside it
-        ok = _phase(env, instance, rows, "incremental", full_refresh=False) and ok
-        _print("\n" + summary_table(rows))
-        _print("\nChecking the sandbox's Ometria against Mailchimp ...")
-        from mc_pipeline.registry import YamlClientRegistry
+        daemon_log = home / "daemon.log"
+        _print(f"Starting dagster-daemon (log: {daemon_log}); its sensor reads the registry {env.registry}")
+        with dagster_daemon(daemon_log) as daemon:
+            _print(f"\nFull syncs, requested by mailchimp_lists_sensor for {len(keys)} new lists:")
+            full = wait_for_syncs(instance, sb, keys, "initial", 0.0, daemon, daemon_log)
+            rows = [run_figures(instance, run_id, key, "full") for key, run_id in sorted(full.items())]
+            ok = len(full) == len(keys)
 
+            rng = random.Random(seed)
+            changes = {key: mutate(sb, parse_partition_key(key)[1], rng) for key in keys}
+            changed_at = time.time()
+            _print("\nChanged the sandbox's Mailchimp lists:")
+            for key, c in changes.items():
+                _print(f"  {key}: " + ", ".join(f"{v} {k}" for k, v in c.items()))
+            _print("\nIncremental syncs, launched by hourly_incremental_sync (ticking each minute for the demo):")
+            # A run whose window ends after the changes: it starts at least 2 s after them.
+            incremental = wait_for_syncs(instance, sb, keys, "incremental", changed_at + 2, daemon, daemon_log)
+            rows += [run_figures(instance, run_id, key, "incremental") for key, run_id in sorted(incremental.items())]
+            ok = ok and len(incremental) == len(keys)
+
+        _print("\n" + summary_table(rows))
+        _print("\nChecking the sandbox's Ometria against Mailchimp:")
         registry = YamlClientRegistry(env.registry)
-        for partition in env.partition_keys():
-            client_id, list_id = parse_partition_key(partition)
+        for key in keys:
+            client_id, list_id = parse_partition_key(key)
             collection = registry.client(client_id).collection(list_id)
             problems = ometria_differences(sb, client_id, list_id, collection)
-            held = len(sb.ometria_contacts(client_id, collection))
             if problems:
                 ok = False
-                _print(f"  FAIL {partition}: {'; '.join(problems)}")
+                _print(f"  FAIL {key}: {'; '.join(problems)}")
             else:
-                _print(f"  ok   {partition}: Ometria holds exactly the {held:,} contacts Mailchimp lists")
+                held = len(sb.ometria_contacts(client_id, collection))
+                _print(f"  ok   {key}: Ometria holds exactly the {held:,} contacts Mailchimp lists")
+        for c in sb.clients():
+            mc, om = sb.stats(f"mailchimp:{c.client_id}"), sb.stats(f"ometria:{c.client_id}")
+            _print(
+                f"  {c.client_id}: Mailchimp peak {mc['peak_in_flight']} requests in flight, {mc['throttled']} "
+                f"answered 429; Ometria {om['requests']} pushes, {om['throttled']} answered 429"
+            )
+    sizes_arg = ",".join(map(str, sizes))
     _print(
         "\nThe run history is in a local Dagster instance. To see it in the web UI:\n"
         f"  export DAGSTER_HOME={dagster_home}\n"
         f"  export MC_PIPELINE_CLIENTS={env.registry} MC_PIPELINE_DATA_DIR={env.data_dir}\n"
         f"  set -a; . {home / 'sandbox.env'}; set +a\n"
-        f"  mc-pipeline sandbox --port {port} --seed {seed} --members {','.join(map(str, sizes))} &"
-        "   # the same keys and lists, to run more syncs\n"
+        f"  mc-pipeline sandbox --port {port} --seed {seed} --clients {clients} --lists {len(sizes)} "
+        f"--members {sizes_arg} &   # the same keys and lists, for more syncs\n"
         "  dagster dev -m mc_pipeline.definitions"
     )
     return 0 if ok else 1
 
 
-def _phase(env: LocalEnvironment, instance: Any, rows: list[StepFigures], kind: str, full_refresh: bool) -> bool:
-    _print(f"\n{kind.capitalize()} of {len(env.partition_keys())} lists through Dagster:")
-    ok = True
-    for partition in env.partition_keys():
-        with progress(env.sandbox, partition, f"{partition} ({kind})"):
-            result, wall = run_sync(instance, partition, full_refresh)
-        if not result.success:
-            ok = False
-            failure = next((e for e in result.all_events if e.event_type_value == "STEP_FAILURE"), None)
-            _print(f"  FAIL {partition}: {failure.message if failure else 'run failed'}")
-            continue
-        fig = figures(result, partition, kind, wall)
-        rows.append(fig)
-        _print(
-            f"  {partition:<22} {fig.members:>8,} members, {fig.api_calls} Mailchimp calls, "
-            f"{fig.pushed:,} contacts in {fig.requests} pushes, {wall:.1f}s (run {result.run_id[:8]})"
-        )
-    return ok
-
-
 def main(args: Any) -> int:
     sizes = [int(x) for x in str(args.members).split(",") if x]
-    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-    return run_demo(Path(args.home), sizes, args.port, args.seed, args.keep)
+    return run_demo(Path(args.home), args.clients, sizes, args.port, args.seed, args.keep)

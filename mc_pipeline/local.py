@@ -95,3 +95,52 @@ def ometria_differences(sb: Sandbox, client_id: str, list_id: str, collection: s
     if wrong:
         problems.append(f"{len(wrong)} contacts with a stale email or opt-in")
     return problems
+
+
+def local_instance_yaml(max_concurrent_runs: int = 4) -> str:
+    """A SQLite instance with the production run queue: one run at a time per account."""
+    from mc_pipeline.tags import MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT
+
+    return (
+        "run_coordinator:\n"
+        "  module: dagster._core.run_coordinator\n"
+        "  class: QueuedRunCoordinator\n"
+        "  config:\n"
+        f"    max_concurrent_runs: {max_concurrent_runs}\n"
+        "    dequeue_interval_seconds: 1\n"
+        "    tag_concurrency_limits:\n"
+        f"      - key: {MAILCHIMP_ACCOUNT}\n        value: {{applyLimitPerUniqueValue: true}}\n        limit: 1\n"
+        f"      - key: {OMETRIA_ACCOUNT}\n        value: {{applyLimitPerUniqueValue: true}}\n        limit: 1\n"
+        "telemetry:\n  enabled: false\n"
+    )
+
+
+@contextmanager
+def dagster_daemon(log_path: Path, env: Mapping[str, str] | None = None, *target: str) -> Iterator[object]:
+    """`dagster-daemon run` as a subprocess (schedules, sensors, run queue, launcher) until the block ends.
+
+    `target` is how it finds the code: by default `-m mc_pipeline.definitions`; a deployment
+    passes `-w workspace.yaml` to reach a code server instead.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    exe = shutil.which("dagster-daemon", path=str(Path(sys.executable).parent)) or "dagster-daemon"
+    args = [exe, "run", *(target or ("-m", "mc_pipeline.definitions"))]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()

@@ -35,7 +35,7 @@ def test_hourly_requests_one_incremental_run_per_partition(
     requests = evaluate(hourly_incremental_sync, instance, small_env)
     assert sorted(r.partition_key for r in requests) == sorted(keys)
     for r in requests:
-        assert r.run_key == f"incremental:{r.partition_key}:2026-11-23T14"
+        assert r.run_key == f"incremental:{r.partition_key}:2026-11-23T14:00"
         assert r.run_config["ops"]["mailchimp__member_pages"]["config"]["full_refresh"] is False
         assert r.tags[CLIENT] == "client-1" and r.tags[SYNC_KIND] == "incremental"
         assert r.tags[MAILCHIMP_ACCOUNT] == "client-1" and r.tags[OMETRIA_ACCOUNT] == "client-1"
