@@ -122,7 +122,6 @@ class Client(BaseModel):
         return f"{self.collection_prefix}-{list_id}"
 
 
-
 class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -186,14 +185,16 @@ class YamlClientRegistry:
         return iter(self._data.clients)
 
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: thousands of lists parse fast
+
+
 def load_registry_file(path: Path) -> RegistryFile:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read the client registry ({exc.strerror})") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
@@ -201,6 +202,8 @@ def load_registry_file(path: Path) -> RegistryFile:
     try:
         return RegistryFile.model_validate(data)
     except ValidationError as exc:
+        # Only now is the text composed again, to find the line of each problem.
+        root = yaml.compose(text, Loader=_Loader)
         raise RegistryError(_describe(path, root, data, exc)) from None
 
 
