@@ -67,8 +67,8 @@ def sandbox_environment(
 
 
 def expected_contacts(sb: Sandbox, list_id: str) -> dict[str, dict]:
-    """What Ometria should hold for a list: every member Mailchimp lists by default, by contact id."""
-    return {m["contact_id"]: m for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+    """What Ometria should hold for a list: every member, archived ones included (opted out), by contact id."""
+    return {m["contact_id"]: m for m in sb.mailchimp_list(list_id).members(include_archived=True)}
 
 
 def ometria_differences(sb: Sandbox, client_id: str, list_id: str, collection: str) -> list[str]:

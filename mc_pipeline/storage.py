@@ -41,9 +41,9 @@ class RunFolder:
     def pages(self) -> Path:
         return self.root / "pages"
 
-    def page(self, offset: int, status: str | None = None) -> Path:
-        prefix = f"{status}-" if status else ""
-        return self.pages / f"{prefix}page-{offset:09d}.json.gz"
+    def page(self, kind: str, pass_no: int, offset: int) -> Path:
+        """`kind` is "members" or "archived"; a window paged twice keeps both passes' pages."""
+        return self.pages / f"{kind}-p{pass_no}-{offset:09d}.json.gz"
 
     @property
     def members(self) -> Path:

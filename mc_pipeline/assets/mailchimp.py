@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,40 +40,36 @@ MEMBERS_KEY = AssetKey(["mailchimp", "members"])
 CONTACTS_KEY = AssetKey(["ometria", "contacts"])
 GROUP = "mailchimp_to_ometria"
 WATERMARK = "watermark"
+ARCHIVED_WATERMARK = "archived_watermark"
 
 
 class SyncConfig(Config):
     full_refresh: bool = Field(False, description="ignore the watermark and fetch the whole list")
 
 
-def latest_watermark(instance: DagsterInstance, partition: str) -> datetime | None:
-    """`before_last_changed` of this partition's latest successful import, from Dagster's history."""
+def latest_watermarks(instance: DagsterInstance, partition: str) -> tuple[datetime | None, datetime | None]:
+    """(members, archived) upper bounds of this partition's latest successful import, from Dagster."""
     result = instance.fetch_materializations(
         AssetRecordsFilter(asset_key=CONTACTS_KEY, asset_partitions=[partition]), limit=1
     )
     for record in result.records:
-        mat = record.asset_materialization
-        value = mat.metadata.get(WATERMARK) if mat else None
-        if value is not None:
-            return datetime.fromtimestamp(float(value.value), UTC)
-    return None
+        md = record.asset_materialization.metadata if record.asset_materialization else {}
+        main, archived = md.get(WATERMARK), md.get(ARCHIVED_WATERMARK)
+        return (
+            datetime.fromtimestamp(float(main.value), UTC) if main is not None else None,
+            datetime.fromtimestamp(float(archived.value), UTC) if archived is not None else None,
+        )
+    return None, None
+
+
+def latest_watermark(instance: DagsterInstance, partition: str) -> datetime | None:
+    return latest_watermarks(instance, partition)[0]
 
 
 def run_started_at(instance: DagsterInstance, run_id: str) -> datetime:
     record = instance.get_run_record_by_id(run_id)
     started = (record.start_time if record else None) or time.time()
     return datetime.fromtimestamp(started, UTC)
-
-
-def sync_window(context: AssetExecutionContext, full_refresh: bool) -> Window:
-    """since = the last import's watermark (none, or a full refresh: the whole list);
-    before = one second before the run's start, so a change in the very second the run began
-    (which Mailchimp stamps with that second) falls in the next window, never in a gap."""
-    before = run_started_at(context.instance, context.run.run_id).replace(microsecond=0) - timedelta(seconds=1)
-    since = None if full_refresh else latest_watermark(context.instance, context.partition_key)
-    if since is not None and since >= before:
-        since = before  # a clock step back: an empty window rather than an inverted one
-    return Window(since=since, before=before, full_refresh=since is None)
 
 
 def failure(exc: ApiError) -> Failure:
@@ -112,17 +108,21 @@ def member_pages(
     storage: PipelineStorage,
 ) -> Output[PageSet]:
     partition = context.partition_key
+    run_id = context.run.run_id
     client, list_id = registry.client_for_partition(partition)
-    window = sync_window(context, config.full_refresh)
-    folder = storage.run_folder(partition, context.run.run_id)
+    since, archived_since = (None, None) if config.full_refresh else latest_watermarks(context.instance, partition)
+    folder = storage.run_folder(partition, run_id)
     folder.pages.mkdir(parents=True, exist_ok=True)
     context.log.info(
-        f"{partition}: {'full' if window.full_refresh else 'incremental'} sync of list {list_id}, "
-        f"last_changed in {window.describe()}"
+        f"{partition}: {'full' if since is None else 'incremental'} sync of list {list_id}, "
+        f"last_changed after {since.isoformat() if since else 'the beginning'}"
     )
 
-    def on_page(page: Page) -> None:
-        _write_atomic(folder.page(page.offset), gzip.compress(page.raw, compresslevel=1))
+    def writer(kind: str):
+        def on_page(page: Page, pass_no: int) -> None:
+            _write_atomic(folder.page(kind, pass_no, page.offset), gzip.compress(page.raw, compresslevel=1))
+
+        return on_page
 
     last_log = [time.monotonic()]
 
@@ -134,40 +134,71 @@ def member_pages(
                 f"{stats.members}/{total} members, {stats.calls} calls, {stats.retries} retries"
             )
 
+    run_start = run_started_at(context.instance, run_id)
     try:
         with mailchimp.client(client, logger=context.log) as mc:
-            stats, total = mc.fetch_members(
-                list_id, since=window.since, before=window.before, on_page=on_page, on_progress=on_progress
+            main = mc.fetch_window(
+                list_id, since=since, before_fallback=run_start, on_page=writer("members"), on_progress=on_progress
             )
+            archived = None
+            if mailchimp.sweep_archived:
+                archived = mc.fetch_window(
+                    list_id, since=archived_since, before=main.before, status="archived", on_page=writer("archived")
+                )
     except ApiError as exc:
         raise failure(exc) from None
+    window = Window(
+        since=since,
+        before=main.before,
+        full_refresh=since is None,
+        archived_since=archived_since,
+        archived_swept=archived is not None,
+    )
+    sweeps = [main, *([archived] if archived else [])]
+    calls = sum(f.stats.calls for f in sweeps)
+    pages = sum(f.stats.pages for f in sweeps)
+    retries = sum(f.stats.retries for f in sweeps)
+    throttled = sum(f.stats.throttled for f in sweeps)
+    causes: dict[str, int] = {}
+    for f in sweeps:
+        for cause, n in f.stats.causes.items():
+            causes[cause] = causes.get(cause, 0) + n
+    archived_members = archived.stats.members if archived else 0
+    seconds = sum(f.stats.seconds for f in sweeps)
     run = RunFiles(
-        partition=partition,
-        client_id=client.id,
-        list_id=list_id,
-        run_id=context.run.run_id,
-        folder=str(folder.root),
-        window=window,
+        partition=partition, client_id=client.id, list_id=list_id, run_id=run_id, folder=str(folder.root), window=window
     )
     context.log.info(
-        f"{partition}: {stats.members} members in {stats.pages} pages, {stats.calls} calls "
-        f"({stats.retries} retries, {stats.throttled} throttled) in {stats.seconds:.1f}s"
+        f"{partition}: {main.stats.members} members and {archived_members} archived in {pages} pages, window "
+        f"{window.describe()}, {calls} calls ({retries} retries, {throttled} throttled) in {seconds:.1f}s"
     )
     return Output(
-        PageSet(run=run, total_items=total, pages=stats.pages, members=stats.members),
+        PageSet(
+            run=run,
+            total_items=main.total_first,
+            total_last=main.total_last,
+            pages=pages,
+            members=main.stats.members,
+            archived=archived_members,
+            passes=main.passes,
+        ),
         metadata={
             "window_since": MetadataValue.text(window.since.isoformat() if window.since else "(full sync)"),
             "window_before": MetadataValue.timestamp(window.before),
             "full_refresh": window.full_refresh,
-            "total_items": total,
-            "pages": stats.pages,
-            "members": stats.members,
-            "api_calls": stats.calls,
-            "retries": stats.retries,
-            "throttled": stats.throttled,
-            "retry_causes": MetadataValue.json(stats.causes),
-            "bytes": stats.bytes,
-            "seconds": round(stats.seconds, 3),
+            "total_items": main.total_first,
+            "total_items_at_end": main.total_last,
+            "passes": main.passes,
+            "page_overlap": main.overlap,
+            "pages": pages,
+            "members": main.stats.members,
+            "archived_members": archived_members,
+            "api_calls": calls,
+            "retries": retries,
+            "throttled": throttled,
+            "retry_causes": MetadataValue.json(causes),
+            "bytes": sum(f.stats.bytes for f in sweeps),
+            "seconds": round(seconds, 3),
             "folder": MetadataValue.path(str(folder.pages)),
         },
     )
@@ -193,7 +224,7 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
     run = pages.run
     folder = storage.run_folder(run.partition, run.run_id)
     started = time.monotonic()
-    files = sorted(folder.pages.glob("page-*.json.gz"))
+    files = sorted(folder.pages.glob("*.json.gz"))
     if len(files) != pages.pages:
         raise Failure(
             description=f"{run.partition}: {len(files)} page files in {folder.pages}, expected {pages.pages}",
@@ -202,7 +233,7 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
     writer = StagingWriter(folder.members)
     try:
         for path in files:
-            offset = int(path.name.removeprefix("page-").removesuffix(".json.gz"))
+            offset = int(path.name.removesuffix(".json.gz").rsplit("-", 1)[1])
             writer.write_page(gzip.decompress(path.read_bytes()), offset)
         summary = writer.close()
     except BaseException:

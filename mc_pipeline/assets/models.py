@@ -12,11 +12,17 @@ class _Model(BaseModel):
 
 
 class Window(_Model):
-    """`since_last_changed` (exclusive; None for a full sync) and `before_last_changed` (inclusive)."""
+    """`since_last_changed` (exclusive; None for a full sync) and `before_last_changed` (inclusive).
+
+    Archived members are swept with their own lower bound (Mailchimp lists them only when asked
+    for by status) and the same upper bound.
+    """
 
     since: datetime | None
     before: datetime
     full_refresh: bool
+    archived_since: datetime | None = None
+    archived_swept: bool = False
 
     def describe(self) -> str:
         start = self.since.isoformat() if self.since else "the beginning"
@@ -34,9 +40,12 @@ class RunFiles(_Model):
 
 class PageSet(_Model):
     run: RunFiles
-    total_items: int  # as Mailchimp reported it for the window
+    total_items: int  # as Mailchimp reported it for the window, at the first page
+    total_last: int  # the smallest total any page reported: members leave a window, never enter
     pages: int
     members: int
+    archived: int = 0
+    passes: int = 1
 
 
 class StagedMembers(_Model):

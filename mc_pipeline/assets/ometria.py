@@ -24,6 +24,7 @@ from dagster import (
 )
 
 from mc_pipeline.assets.mailchimp import (
+    ARCHIVED_WATERMARK,
     CONTACTS_KEY,
     GROUP,
     MEMBERS_KEY,
@@ -32,7 +33,7 @@ from mc_pipeline.assets.mailchimp import (
     write_dead_letters,
 )
 from mc_pipeline.assets.metadata import parquet_metadata
-from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers
+from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers, Window
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
@@ -124,6 +125,7 @@ def import_to_ometria(
         result,
         metadata={
             WATERMARK: MetadataValue.timestamp(run.window.before),
+            **_archived_watermark(run.window),
             "window_since": MetadataValue.text(run.window.since.isoformat() if run.window.since else "(full sync)"),
             "full_refresh": run.window.full_refresh,
             "collection": contacts.collection,
@@ -143,6 +145,15 @@ def import_to_ometria(
             "run_folder": MetadataValue.path(run.folder),
         },
     )
+
+
+def _archived_watermark(window: Window) -> dict:
+    """The archived sweep's bound moves only when it ran; otherwise the previous one carries over."""
+    if window.archived_swept:
+        return {ARCHIVED_WATERMARK: MetadataValue.timestamp(window.before)}
+    if window.archived_since is not None:
+        return {ARCHIVED_WATERMARK: MetadataValue.timestamp(window.archived_since)}
+    return {}
 
 
 def _push_all(

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
@@ -84,6 +85,7 @@ class Page:
     raw: bytes  # exactly as received
     members: int
     total_items: int
+    server_time: datetime | None = None
 
 
 @dataclass
@@ -101,6 +103,31 @@ class FetchStats:
     def note(self, cause: str) -> None:
         with self._lock:
             self.causes[cause] = self.causes.get(cause, 0) + 1
+
+
+@dataclass(frozen=True)
+class Response:
+    body: bytes
+    data: Any
+    server_time: datetime | None  # from the Date header: Mailchimp's clock, not ours
+
+
+@dataclass
+class WindowFetch:
+    """How one window was fetched, and the proof that no member was skipped."""
+
+    since: datetime | None
+    before: datetime
+    status: str | None
+    total_first: int  # total_items when the first page was evaluated
+    total_last: int  # the smallest total_items any page saw: the window only shrinks during a run
+    passes: int
+    overlap: int
+    stats: FetchStats
+
+    @property
+    def shrank_by(self) -> int:
+        return self.total_first - self.total_last
 
 
 class _Retry(Exception):
@@ -128,9 +155,13 @@ class MailchimpClient:
         max_throttle_waits: int,
         backoff_base_s: float,
         backoff_cap_s: float,
+        overlap: int = 20,
+        max_passes: int = 3,
         logger: Any = None,
     ) -> None:
         self.client_id = client_id
+        self.overlap = overlap
+        self.max_passes = max_passes
         key = api_key.get_secret_value()
         self.base_url = (base_url or datacenter_url(key)).rstrip("/")
         self.max_connections = max_connections
@@ -161,8 +192,8 @@ class MailchimpClient:
         self.close()
 
     # ------------------------------------------------------------------ requests
-    def get(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> tuple[bytes, Any]:
-        """GET with the error policy; returns the raw body and its parsed JSON."""
+    def get(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> Response:
+        """GET with the error policy; returns the raw body, its parsed JSON and the server's clock."""
         attempts = throttles = 0
         while True:
             try:
@@ -211,7 +242,7 @@ class MailchimpClient:
         status = resp.status_code
         if status == 200:
             try:
-                return body, orjson.loads(body)
+                return Response(body, orjson.loads(body), _server_time(resp))
             except orjson.JSONDecodeError:
                 raise _Retry(f"malformed JSON ({len(body)} bytes)") from None
         problem = _problem(resp)
@@ -237,89 +268,136 @@ class MailchimpClient:
         stats = FetchStats()
         offset = 0
         while True:
-            _, data = self.get(
+            data = self.get(
                 "/lists",
                 {"count": 1000, "offset": offset, "fields": "lists.id,lists.name,lists.stats.member_count,total_items"},
                 list_id=None,
                 stats=stats,
-            )
+            ).data
             batch = data.get("lists") or []
             out.extend(batch)
             offset += len(batch)
             if not batch or offset >= int(data.get("total_items", 0)):
                 return out
 
-    def count_members(
+    def fetch_window(
         self,
         list_id: str,
         *,
         since: datetime | None,
-        before: datetime | None,
-        status: str | None = None,
-        stats: FetchStats | None = None,
-    ) -> int:
-        params = self._window(since, before, status) | {"count": 1, "fields": "total_items"}
-        _, data = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats or FetchStats())
-        return int(data["total_items"])
-
-    def fetch_members(
-        self,
-        list_id: str,
-        *,
-        since: datetime | None,
-        before: datetime | None,
-        on_page: Callable[[Page], None],
+        on_page: Callable[[Page, int], None],
+        before: datetime | None = None,
+        before_fallback: datetime | None = None,
         status: str | None = None,
         on_progress: Callable[[FetchStats, int], None] | None = None,
-    ) -> tuple[FetchStats, int]:
-        """Every member in the window, page by page: the first page gives `total_items`, the
-        rest are fetched concurrently by offset. `on_page` runs on the fetching thread (it must be
-        thread-safe) so that no page is held in memory after it is handled.
+    ) -> WindowFetch:
+        """Every member whose last_changed is in (since, before], page by page; `on_page(page, pass)`
+        runs on the fetching threads (it must be thread-safe) so no page stays in memory.
 
-        Returns the stats and `total_items` as the first page reported it.
+        When `before` is not given, the first page is asked for without an upper bound and the
+        window ends one second before Mailchimp's own clock (its Date header) at that request:
+        every change Mailchimp makes after the run began is stamped later, whatever the skew
+        between its clock and ours, so it falls in the next window, never in a gap.
+
+        Why no member is skipped although offsets move under concurrent changes: with both
+        bounds fixed, a change can only take a member *out* of the window (its new last_changed
+        is past `before`), so the window only shrinks and a member's position only decreases,
+        by at most the shrink. Pages overlap by `overlap` members; if the window shrank by no
+        more than that between the first and the last page evaluated, every member that stayed
+        was on some page. Otherwise the window is paged again, with a wider overlap.
         """
         stats = FetchStats()
         started = time.monotonic()
-        window = self._window(since, before, status)
-        first = self._page(list_id, 0, window, stats)
-        on_page(first)
-        total = first.total_items
-        offsets = list(range(self.page_size, total, self.page_size))
-        if offsets:
-            with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{list_id}") as pool:
-                pending = {pool.submit(self._fetch_and_handle, list_id, off, window, stats, on_page) for off in offsets}
-                done_count = 1
-                while pending:
-                    done, pending = wait(pending, timeout=5.0, return_when=FIRST_EXCEPTION)
-                    for fut in done:
-                        exc = fut.exception()
-                        if exc is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise exc
-                    done_count += len(done)
-                    if on_progress is not None:
-                        on_progress(stats, total)
+        first_window = self._window(since, before, status)
+        first = self._page(list_id, 0, first_window, stats)
+        if before is None:
+            clock = first.server_time or before_fallback or datetime.now(UTC)
+            before = clock.replace(microsecond=0) - timedelta(seconds=1)
+        on_page(first, 0)
+        total_first = total_last = first.total_items
+        overlap = min(self.overlap, self.page_size - 1)
+        passes = 1
+        if first.total_items > self.page_size:
+            window = self._window(since, before, status)
+            offsets = list(range(self.page_size - overlap, total_first, self.page_size - overlap))
+            while True:
+                total_last = min(
+                    total_first,
+                    self._fetch_concurrently(list_id, offsets, window, stats, on_page, passes - 1, on_progress),
+                )
+                if total_first - total_last <= overlap:
+                    break
+                if passes >= self.max_passes:
+                    raise MailchimpUnavailable(
+                        f"the window shrank by {total_first - total_last} members while it was paged, more than "
+                        f"the {overlap}-member overlap, in each of {passes} passes; members may have been skipped",
+                        client_id=self.client_id,
+                        list_id=list_id,
+                    )
+                self.log.warning(
+                    f"Mailchimp {self.client_id} list {list_id}: {total_first - total_last} members left the window "
+                    f"while it was paged (overlap {overlap}); paging it again"
+                )
+                passes += 1
+                overlap = min(max(overlap, 2 * (total_first - total_last)), self.page_size // 2)
+                again = self._page(list_id, 0, window, stats)
+                on_page(again, passes - 1)
+                total_first = again.total_items
+                offsets = list(range(self.page_size - overlap, total_first, self.page_size - overlap))
         stats.seconds = time.monotonic() - started
-        return stats, total
+        return WindowFetch(since, before, status, total_first, total_last, passes, overlap, stats)
 
-    def _fetch_and_handle(
-        self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats, on_page: Callable[[Page], None]
-    ) -> None:
-        on_page(self._page(list_id, offset, window, stats))
+    def _fetch_concurrently(
+        self,
+        list_id: str,
+        offsets: list[int],
+        window: dict[str, Any],
+        stats: FetchStats,
+        on_page: Callable[[Page, int], None],
+        pass_no: int,
+        on_progress: Callable[[FetchStats, int], None] | None,
+    ) -> int:
+        """Fetch `offsets` with at most the account's connections in flight; the smallest total seen."""
+        smallest = [1 << 62]
+        lock = threading.Lock()
+
+        def fetch(offset: int) -> None:
+            page = self._page(list_id, offset, window, stats)
+            with lock:
+                smallest[0] = min(smallest[0], page.total_items)
+            on_page(page, pass_no)
+
+        if not offsets:
+            return smallest[0]
+        with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{list_id}") as pool:
+            pending = {pool.submit(fetch, off) for off in offsets}
+            while pending:
+                done, pending = wait(pending, timeout=5.0, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    exc = fut.exception()
+                    if exc is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise exc
+                if on_progress is not None:
+                    on_progress(stats, offsets[-1] + self.page_size)
+        return smallest[0]
 
     def _page(self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats) -> Page:
         params = {**window, "count": self.page_size, "offset": offset, "fields": MEMBERS_FIELDS_PARAM}
         attempts = 0
         while True:
-            raw, data = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats)
+            resp = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats)
+            data = resp.data
             members = data.get("members") if isinstance(data, dict) else None
             total = data.get("total_items") if isinstance(data, dict) else None
             if isinstance(members, list) and isinstance(total, int):
                 with stats._lock:
                     stats.pages += 1
                     stats.members += len(members)
-                return Page(offset=offset, raw=raw, members=len(members), total_items=total)
+                return Page(
+                    offset=offset, raw=resp.body, members=len(members), total_items=total, server_time=resp.server_time
+                )
             attempts += 1  # valid JSON of the wrong shape: retried like a cut body, then reported
             stats.note("page without members/total_items")
             if attempts >= self.max_attempts:
@@ -341,6 +419,16 @@ class MailchimpClient:
         if status is not None:
             params["status"] = status
         return params
+
+
+def _server_time(resp: requests.Response) -> datetime | None:
+    value = resp.headers.get("Date")
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).astimezone(UTC)
+    except (TypeError, ValueError):
+        return None
 
 
 def _problem(resp: requests.Response) -> dict[str, Any] | None:
@@ -372,6 +460,9 @@ class MailchimpResource(ConfigurableResource):
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     max_connections: int | None = Field(None, ge=1, le=10, description="overrides the registry's per account")
+    page_overlap: int = Field(20, ge=0, le=500, description="members each page shares with the next (see fetch_window)")
+    max_passes: int = Field(3, ge=1, description="pagings of a window that kept shrinking before the run fails")
+    sweep_archived: bool = Field(True, description="also fetch members archived since the last sweep (opt-outs)")
 
     def client(self, client: Client, logger: Any = None) -> MailchimpClient:
         return MailchimpClient(
@@ -386,5 +477,7 @@ class MailchimpResource(ConfigurableResource):
             max_throttle_waits=self.max_throttle_waits,
             backoff_base_s=self.backoff_base_s,
             backoff_cap_s=self.backoff_cap_s,
+            overlap=self.page_overlap,
+            max_passes=self.max_passes,
             logger=logger,
         )

@@ -142,27 +142,34 @@ def mailchimp_key(request: web.Request) -> str | None:
     return None
 
 
-async def _write(request: web.Request, reply: Reply, fault: str | None) -> tuple[web.StreamResponse, int]:
-    """Send `reply` as faulted; returns the response and the body bytes sent."""
+async def _write(
+    request: web.Request, reply: Reply, fault: str | None, record: Callable[[int, int], None]
+) -> web.StreamResponse:
+    """Send `reply` as faulted. `record(status, body_bytes)` is called before the client can see
+    anything, so a test that has its answer also finds the request in the stats."""
     body = reply.body
     if fault == "truncate" and reply.status == 200 and len(body) > 2:
         body = body[: max(1, len(body) // 2)]
     if fault in ("drop", "store_then_drop"):
+        record(0, 0)
         if request.transport is not None:
             request.transport.abort()
         raise DroppedConnection
+    record(reply.status, len(body))
     resp = web.StreamResponse(status=reply.status, headers=reply.headers or {})
     resp.content_type = reply.content_type.split(";")[0]
     resp.charset = "utf-8" if "charset" in reply.content_type else None
     resp.content_length = len(body)
-    resp.headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+    # The sandbox's clock, not the wall's: clients may take "now" from here, as from a real server.
+    now = request.app["state"].clock.now()
+    resp.headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
     try:
         await resp.prepare(request)
         await resp.write(body)
         await resp.write_eof()
     except ConnectionError:
         pass  # the client hung up first
-    return resp, len(body)
+    return resp
 
 
 def _sleep_time(latency: Latency, nbytes: int, state: SandboxState) -> float:
@@ -186,6 +193,14 @@ def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | Non
             label = f"mailchimp:{account.client_id}" if account else f"mailchimp:{UNKNOWN}"
             fault: str | None = None
             entered = False
+            recorded = False
+
+            def record(status: int, sent: int) -> None:
+                nonlocal recorded
+                if not recorded:
+                    recorded = True
+                    _record(state, label, request, route, status, sent, started, fault)
+
             try:
                 if key is None:
                     reply = problem(401, "API Key Missing", "Your request did not include an API key.")
@@ -219,14 +234,11 @@ def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | Non
                         if kind == "slow":
                             await asyncio.sleep(rates.slow_delay_s)
                         await asyncio.sleep(_sleep_time(settings.latency, len(reply.body), state))
-                resp, sent = await _write(request, reply, fault)
-                _record(state, label, request, route, reply.status, sent, started, fault)
-                return resp
+                return await _write(request, reply, fault, record)
             except DroppedConnection:
-                _record(state, label, request, route, 0, 0, started, fault)
                 return web.Response()  # never sent: the transport is gone
             except asyncio.CancelledError:  # the client gave up (e.g. its timeout) before the answer
-                _record(state, label, request, route, 0, 0, started, fault)
+                record(0, 0)
                 raise
             finally:
                 if entered:
@@ -470,6 +482,14 @@ async def om_push(request: web.Request) -> web.StreamResponse:
     label = f"ometria:{account.client_id}" if account else f"ometria:{UNKNOWN}"
     raw = await request.read()
     fault: str | None = None
+    recorded = False
+
+    def record(status: int, sent: int) -> None:
+        nonlocal recorded
+        if not recorded:
+            recorded = True
+            _record(state, label, request, "/v2/push", status, sent, started, fault, len(raw))
+
     state.stats.enter(label)
     try:
         if account is None:
@@ -482,14 +502,11 @@ async def om_push(request: web.Request) -> web.StreamResponse:
             rates = state.faults.rates(account.client_id) if account else None
             await asyncio.sleep((rates or state.config.ometria.faults).slow_delay_s)
         await asyncio.sleep(_sleep_time(settings.latency, len(raw), state))
-        resp, sent = await _write(request, reply, fault)
-        _record(state, label, request, "/v2/push", reply.status, sent, started, fault, len(raw))
-        return resp
+        return await _write(request, reply, fault, record)
     except DroppedConnection:
-        _record(state, label, request, "/v2/push", 0, 0, started, fault, len(raw))
         return web.Response()  # never sent: the transport is gone
     except asyncio.CancelledError:  # the client gave up (e.g. its timeout) before the answer
-        _record(state, label, request, "/v2/push", 0, 0, started, fault, len(raw))
+        record(0, 0)
         raise
     finally:
         state.stats.leave(label)

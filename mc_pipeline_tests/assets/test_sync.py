@@ -26,9 +26,12 @@ def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, insta
 
     full = sync(instance, partition)
     assert full.success
-    expected = expected_contacts(sb, list_id)
+    expected = expected_contacts(sb, list_id)  # archived members included: they land opted out
+    listed = sb.mailchimp_list(list_id).members(include_archived=False)
     pages = metadata(full, "mailchimp/member_pages")
-    assert pages["full_refresh"] is True and pages["total_items"] == len(expected) and pages["pages"] == 3
+    assert pages["full_refresh"] is True and pages["total_items"] == len(listed)
+    assert pages["archived_members"] == len(expected) - len(listed) > 0
+    assert pages["pages"] == 3 + 1 and pages["passes"] == 1  # three pages of members, one of archived ones
     staged = metadata(full, "mailchimp/members")
     assert staged["dagster/row_count"] == len(expected)
     assert "***@" in staged["preview"] and "dagster/column_schema" in staged
@@ -52,11 +55,12 @@ def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, insta
     pages = metadata(incremental, "mailchimp/member_pages")
     assert pages["full_refresh"] is False
     assert pages["window_since"] == watermark.isoformat()
-    assert pages["members"] == 3  # the archived one is not listed by default: issue #5's sweep covers it
-    assert sb.stats("mailchimp:client-1")["requests"] == 1
+    assert pages["members"] == 3 and pages["archived_members"] == 1  # archived members come by their own sweep
+    assert sb.stats("mailchimp:client-1")["requests"] == 2  # one page of changes, one of archivals
     assert sb.stats("ometria:client-1")["requests"] == 1
     held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
     assert held[members[0]["contact_id"]]["marketing_optin"] == "EXPLICITLY_OPTEDOUT"
+    assert held[members[2]["contact_id"]]["marketing_optin"] == "EXPLICITLY_OPTEDOUT"  # archived
     assert held[members[1]["contact_id"]]["firstname"] == "Renamed"
     new = sb.mailchimp_list(list_id).get("new.person+test@example.com")
     assert held[new["contact_id"]]["email"] == "New.Person+test@Example.com"
@@ -66,7 +70,7 @@ def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, insta
     sb.reset_stats()
     unchanged = sync(instance, partition)
     assert metadata(unchanged, "ometria/contacts")["records"] == 0
-    assert sb.stats("mailchimp:client-1")["requests"] == 1
+    assert sb.stats("mailchimp:client-1")["requests"] == 2  # the members probe and the archived probe
     assert sb.stats("ometria:client-1")["requests"] == 0
 
 

@@ -80,7 +80,9 @@ def test_sensor_and_schedule_sync_three_clients_on_postgres(pg_instance: Dagster
         for key in env.partition_keys():
             assert_ometria_matches(sb, key)
         for c in sb.clients():
-            assert sb.stats(f"mailchimp:{c.client_id}")["requests"] == 2  # one page per list
+            assert (
+                sb.stats(f"mailchimp:{c.client_id}")["requests"] == 4
+            )  # per list: a page of changes, an archived probe
             assert sb.stats(f"ometria:{c.client_id}")["requests"] == 2  # one push per list
 
         # The runs and their materializations live in PostgreSQL.

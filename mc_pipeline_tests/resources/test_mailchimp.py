@@ -30,16 +30,14 @@ def collect(env: LocalEnvironment, list_id: str, resource: MailchimpResource = F
     pages: list[Page] = []
     lock = threading.Lock()
 
-    def on_page(p: Page) -> None:
+    def on_page(p: Page, pass_no: int) -> None:
         with lock:
             pages.append(p)
 
     with client_of(env, resource) as mc:
-        stats, total = mc.fetch_members(
-            list_id, since=window.get("since"), before=window.get("before"), on_page=on_page
-        )
+        fetched = mc.fetch_window(list_id, since=window.get("since"), before=window.get("before"), on_page=on_page)
     ids = [m["id"] for p in pages for m in orjson.loads(p.raw)["members"]]
-    return stats, total, pages, ids
+    return fetched.stats, fetched.total_first, pages, ids
 
 
 def test_datacenter_comes_from_the_key() -> None:
@@ -48,14 +46,19 @@ def test_datacenter_comes_from_the_key() -> None:
         datacenter_url("nodatacenter")
 
 
-def test_pages_cover_the_list_exactly_once_with_only_the_needed_fields(small_env: LocalEnvironment) -> None:
+def test_pages_cover_the_list_with_the_configured_overlap_and_only_the_needed_fields(
+    small_env: LocalEnvironment,
+) -> None:
     sb = small_env.sandbox
     list_id = sb.client("client-1").list_ids[1]  # 2,600 members, some archived
     expected = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
     stats, total, pages, ids = collect(small_env, list_id)
-    assert total == len(expected) and len(ids) == len(expected) and set(ids) == expected
-    assert sorted(p.offset for p in pages) == [0, 1000, 2000]
+    assert total == len(expected) and set(ids) == expected
+    assert sorted(p.offset for p in pages) == [0, 980, 1960]  # each page shares 20 members with the next
+    assert len(ids) == len(expected) + 2 * 20
     assert stats.calls == 3 and stats.retries == 0
+    _, _, pages, ids = collect(small_env, list_id, MailchimpResource(page_overlap=0))
+    assert sorted(p.offset for p in pages) == [0, 1000, 2000] and sorted(ids) == sorted(expected)
     log = sb.request_log("mailchimp:client-1")
     assert {r.query["fields"] for r in log} == {MEMBERS_FIELDS_PARAM}
     assert {r.query["count"] for r in log} == {"1000"}
@@ -105,7 +108,7 @@ def test_throttling_and_transient_faults_are_retried(small_env: LocalEnvironment
     list_id = sb.client("client-1").list_ids[1]
     sb.script_faults(list_id, ["429", "500", "drop", "truncate", "503", "403_throttle", "504"])
     stats, total, _, ids = collect(small_env, list_id)
-    assert len(ids) == total == len(set(ids))
+    assert total == len(set(ids)) == len(sb.mailchimp_list(list_id).members(include_archived=False))
     assert stats.retries == 7 and stats.throttled == 2
     assert stats.calls == 3 + 7
     assert sb.stats("mailchimp:client-1")["peak_in_flight"] <= 10
@@ -152,3 +155,63 @@ def test_all_lists_of_an_account(small_env: LocalEnvironment) -> None:
     with client_of(small_env) as mc:
         lists = mc.lists()
     assert [x["id"] for x in lists] == list(small_env.sandbox.client("client-1").list_ids)
+
+
+def _fetch_with_changes_after_first_page(env: LocalEnvironment, list_id: str, leave: int, overlap: int):
+    """Page a window while `leave` members at the front leave it, just after the first page is read."""
+    sb = env.sandbox
+    front = sb.mailchimp_list(list_id).members(include_archived=False)
+    front.sort(key=lambda m: m["last_changed"])
+    pages: list[Page] = []
+    lock = threading.Lock()
+
+    def on_page(page: Page, pass_no: int) -> None:
+        with lock:
+            first = not pages
+            pages.append(page)
+        if first:  # the other pages are evaluated after these changes: offsets shift under them
+            for m in front[100 : 100 + leave]:
+                sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
+
+    resource = MailchimpResource(page_size=200, page_overlap=overlap, backoff_base_s=0.01)
+    with client_of(env, resource) as mc:
+        fetched = mc.fetch_window(list_id, since=None, on_page=on_page)
+    got = {m["id"] for p in pages for m in orjson.loads(p.raw)["members"]}
+    stayed = {
+        m["id"]
+        for m in sb.mailchimp_list(list_id).members(include_archived=False)
+        if datetime.fromisoformat(m["last_changed"]) <= fetched.before
+    }
+    return fetched, got, stayed
+
+
+def test_changes_during_paging_skip_no_member_within_the_overlap(small_env: LocalEnvironment) -> None:
+    list_id = small_env.sandbox.client("client-1").list_ids[1]
+    fetched, got, stayed = _fetch_with_changes_after_first_page(small_env, list_id, leave=5, overlap=20)
+    assert fetched.passes == 1 and fetched.shrank_by == 5
+    assert stayed <= got  # every member still in the window was fetched
+
+
+def test_a_window_that_shrinks_more_than_the_overlap_is_paged_again(small_env: LocalEnvironment) -> None:
+    list_id = small_env.sandbox.client("client-1").list_ids[1]
+    fetched, got, stayed = _fetch_with_changes_after_first_page(small_env, list_id, leave=30, overlap=0)
+    assert fetched.passes == 2 and fetched.overlap >= 60
+    assert stayed <= got
+
+
+def test_without_the_overlap_plain_offset_paging_would_skip_members(small_env: LocalEnvironment) -> None:
+    """The control: the same changes against one pass of plain paging lose members."""
+    list_id = small_env.sandbox.client("client-1").list_ids[1]
+    resource = MailchimpResource(page_size=200, page_overlap=0, max_passes=1, backoff_base_s=0.01)
+    sb = small_env.sandbox
+    front = sorted(sb.mailchimp_list(list_id).members(include_archived=False), key=lambda m: m["last_changed"])
+    changed = []
+
+    def on_page(page: Page, pass_no: int) -> None:
+        if not changed:
+            changed.append(True)
+            for m in front[100:105]:
+                sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
+
+    with client_of(small_env, resource) as mc, pytest.raises(MailchimpUnavailable, match="may have been skipped"):
+        mc.fetch_window(list_id, since=None, on_page=on_page)
