@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["assert_ometria_matches", "expected_contacts", "metadata", "sync"]
+__all__ = ["assert_ometria_matches", "expected_contacts", "metadata", "step_failure_message", "sync"]
 
 from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 
@@ -18,7 +18,12 @@ from mc_pipeline.sandbox import Sandbox
 
 
 def sync(
-    instance: DagsterInstance, partition: str, *, full_refresh: bool = False, raise_on_error: bool = True
+    instance: DagsterInstance,
+    partition: str,
+    *,
+    full_refresh: bool = False,
+    raise_on_error: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> ExecuteInProcessResult:
     if not instance.has_dynamic_partition(MAILCHIMP_LISTS, partition):
         instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])
@@ -26,7 +31,7 @@ def sync(
         ASSETS,
         partition_key=partition,
         instance=instance,
-        resources=resources(),
+        resources={**resources(), **(overrides or {})},
         run_config=sync_run_config(full_refresh),
         raise_on_error=raise_on_error,
     )
@@ -44,3 +49,8 @@ def assert_ometria_matches(sb: Sandbox, partition: str, collection_prefix: str =
     client_id, list_id = parse_partition_key(partition)
     problems = ometria_differences(sb, client_id, list_id, f"{collection_prefix}-{list_id}")
     assert not problems, f"{partition}: " + "; ".join(problems)
+
+
+def step_failure_message(result: ExecuteInProcessResult) -> str:
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    return failure.event_specific_data.error.message  # type: ignore[union-attr]

@@ -32,14 +32,15 @@ from mc_pipeline.assets.mailchimp import (
     failure,
     write_dead_letters,
 )
-from mc_pipeline.assets.metadata import parquet_metadata
+from mc_pipeline.assets.metadata import dead_letter_metadata, parquet_metadata
 from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers, Window
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
+from mc_pipeline.staging import dead_letter
 from mc_pipeline.storage import PipelineStorage
-from mc_pipeline.transform import CONTACT_SCHEMA, push_body, to_contacts
+from mc_pipeline.transform import CONTACT_SCHEMA, record_dicts, to_contacts
 
 
 @op(out=Out(ContactsFile, io_manager_key="state_io_manager"), tags={"kind": "arrow"})
@@ -99,15 +100,36 @@ def import_to_ometria(
     client, _ = registry.client_for_partition(run.partition)
     stats = PushStats()
     started = time.monotonic()
+    rejected: list[dict] = []
     if contacts.records:
         context.log.info(f"{run.partition}: pushing {contacts.records} contacts to Ometria ({contacts.collection})")
         try:
-            _push_all(context, contacts, client, ometria, stats)
+            rejected = _push_all(context, contacts, client, ometria, stats)
         except ApiError as exc:
             raise failure(exc) from None
     else:
         context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
     stats.seconds = time.monotonic() - started
+    folder = storage.run_folder(run.partition, run.run_id)
+    write_dead_letters(folder.root / "dead_letters-import.parquet", rejected)
+    dead = contacts.dead_letters + len(rejected)
+    members = contacts.records + contacts.dead_letters
+    share = dead / members if members else 0.0
+    dead_md = dead_letter_metadata(folder.root)
+    if share > ometria.max_dead_letter_share:
+        raise Failure(
+            description=f"{run.partition}: {dead} of {members} members are dead letters ({share:.1%}, above the "
+            f"{ometria.max_dead_letter_share:.1%} allowed): {len(rejected)} rejected by Ometria, "
+            f"{contacts.dead_letters} not convertible; the watermark stays where it was. "
+            f"See `mc-pipeline dead-letters list {run.partition}`",
+            metadata={"dead_letters": dead, "members": members, **dead_md},
+            allow_retries=False,
+        )
+    if dead:
+        context.log.warning(
+            f"{run.partition}: {dead} dead letters ({share:.2%} of {members} members, within the "
+            f"{ometria.max_dead_letter_share:.1%} allowed): replay them with `mc-pipeline dead-letters replay`"
+        )
     pruned = storage.prune(run.partition, keep_also=(run.run_id,))
     if pruned:
         context.log.info(f"{run.partition}: pruned {len(pruned)} old run folders")
@@ -116,9 +138,9 @@ def import_to_ometria(
         collection=contacts.collection,
         records=contacts.records,
         pushed=stats.pushed,
-        accepted=stats.accepted,
-        rejected=stats.rejected,
-        dead_letters=contacts.dead_letters,
+        accepted=contacts.records - len(rejected),
+        rejected=len(rejected),
+        dead_letters=dead,
         watermark=run.window.before,
     )
     return Output(
@@ -133,9 +155,11 @@ def import_to_ometria(
             "staged_rows": contacts.staged_rows,
             "records": contacts.records,
             "pushed": stats.pushed,
-            "accepted": stats.accepted,
-            "rejected": stats.rejected,
-            "dead_letters": contacts.dead_letters,
+            "accepted": contacts.records - len(rejected),
+            "rejected": len(rejected),
+            "resent_to_isolate_rejections": stats.resent,
+            "dead_letters": dead,
+            **dead_md,
             "requests": stats.requests,
             "throttled_429": stats.throttled,
             "retries": stats.retries,
@@ -158,18 +182,23 @@ def _archived_watermark(window: Window) -> dict:
 
 def _push_all(
     context: OpExecutionContext, contacts: ContactsFile, client, ometria: OmetriaResource, stats: PushStats
-) -> None:
-    """Batches stream from Parquet to a few pusher threads; a bounded queue keeps memory flat."""
+) -> list[dict]:
+    """Batches stream from Parquet to a few pusher threads; a bounded queue keeps memory flat.
+    Returns the dead letters of records Ometria rejected."""
     source = pq.ParquetFile(contacts.path)
     om = ometria.client(client, logger=context.log)
     slots = threading.BoundedSemaphore(ometria.workers * 2)
     pending: set[Future] = set()
     last_log = time.monotonic()
     list_id = contacts.run.list_id
+    rejected: list[dict] = []
+    lock = threading.Lock()
 
     def push(batch) -> None:
         try:
-            om.push(push_body(batch), batch.num_rows, stats, list_id=list_id)
+            for record, reason in om.push_records(record_dicts(batch), stats, list_id=list_id):
+                with lock:
+                    rejected.append(dead_letter("import", None, record.get("id"), f"Ometria: {reason}", record))
         finally:
             slots.release()
 
@@ -199,13 +228,7 @@ def _push_all(
         raise
     finally:
         om.close()
-    if stats.rejected:
-        raise Failure(
-            description=f"{contacts.run.partition}: Ometria rejected {stats.rejected} of {stats.pushed} records "
-            f"(see GET /v2/push/_errors); the watermark stays where it was",
-            metadata={"accepted": stats.accepted, "rejected": stats.rejected},
-            allow_retries=False,
-        )
+    return rejected
 
 
 @graph_asset(

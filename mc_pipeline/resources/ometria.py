@@ -46,6 +46,7 @@ class PushStats:
     rejected: int = 0
     throttled: int = 0  # 429s received
     retries: int = 0
+    resent: int = 0  # records sent again to find which of a batch Ometria rejected
     seconds: float = 0.0
     causes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -145,6 +146,35 @@ class OmetriaClient:
             self.log.debug(f"Ometria {self.client_id}: {cause}; retrying in {delay:.2f}s")
             time.sleep(delay)
 
+    def push_records(
+        self, records: list[dict[str, Any]], stats: PushStats, *, list_id: str | None = None
+    ) -> list[tuple[dict[str, Any], str]]:
+        """Push a batch; if Ometria rejects some records, find which by halving the batch and
+        sending the halves again (safe: a push is an upsert), down to single records.
+        Returns the rejected records with Ometria's reason."""
+        result = self.push(orjson.dumps(records), len(records), stats, list_id=list_id)
+        if result.rejected == 0:
+            return []
+        if len(records) == 1:
+            return [(records[0], self.last_error() or "rejected by Ometria (no reason given)")]
+        half = len(records) // 2
+        stats.add(resent=len(records))
+        return self.push_records(records[:half], stats, list_id=list_id) + self.push_records(
+            records[half:], stats, list_id=list_id
+        )
+
+    def last_error(self) -> str | None:
+        """The newest entry of GET /push/_errors: why the last rejected record was refused."""
+        try:
+            resp = self.session.get(f"{self.base_url}/push/_errors", timeout=self.timeout)
+            errors = orjson.loads(resp.content) if resp.status_code == 200 else []
+        except (requests.RequestException, orjson.JSONDecodeError):
+            return None
+        if isinstance(errors, list) and errors and isinstance(errors[-1], dict):
+            last = errors[-1]
+            return f"{last.get('error_message', '')} at {last.get('error_path', '')}".strip()
+        return None
+
     def _try(
         self, body: bytes, n: int, list_id: str | None, stats: PushStats
     ) -> PushResult | tuple[str, float | None, bool]:
@@ -204,6 +234,9 @@ class OmetriaResource(ConfigurableResource):
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     workers: int = Field(4, ge=1, le=16, description="batches in flight; the rate limiter bounds the rate")
+    max_dead_letter_share: float = Field(
+        0.01, ge=0, le=1, description="above this share of a run's members in dead letters, the run fails"
+    )
 
     def client(self, client: Client, logger: Any = None) -> OmetriaClient:
         return OmetriaClient(

@@ -19,6 +19,7 @@ FaultKind = Literal[
     "504",  # gateway timeout, after `gateway_delay_s`
     "429",  # throttled
     "403_throttle",  # Mailchimp's bare 403 throttle (title "Too Many Requests"-like, see server)
+    "402",  # Ometria: a quota-type refusal
     "drop",  # connection closed without an answer
     "truncate",  # 200 with a JSON body cut short (Content-Length matches the cut body)
     "slow",  # answer after `slow_delay_s`, longer than any sane client timeout
@@ -87,6 +88,9 @@ class OmetriaSettings(_Strict):
     drain_per_second: float = Field(5_000.0, gt=0, description="records the queue processes per second")
     max_records: int = 100
     max_record_bytes: int = 60 * 1024
+    reject_email_pattern: str | None = Field(
+        None, description="a regex: contacts whose email matches are rejected (a stricter server-side rule)"
+    )
     latency: Latency = Field(default_factory=Latency)
     faults: Faults = Field(default_factory=Faults)
 

@@ -72,7 +72,7 @@ class OmetriaAccount:
         accepted = rejected = 0
         with self._lock:
             for i, record in enumerate(records):
-                problem = validate_contact(record)
+                problem = validate_contact(record, self.settings.reject_email_pattern)
                 if problem is not None:
                     rejected += 1
                     message, path = problem
@@ -125,8 +125,11 @@ def check_batch(body: Any, settings: OmetriaSettings, raw_records: list[bytes] |
     return body
 
 
-def validate_contact(record: Any) -> tuple[str, str] | None:
+def validate_contact(record: Any, reject_email_pattern: str | None = None) -> tuple[str, str] | None:
     """(message, path) for the first problem of a contact record, None if it is valid."""
+    email_value = record.get("email") if isinstance(record, dict) else None
+    if reject_email_pattern and isinstance(email_value, str) and re.search(reject_email_pattern, email_value):
+        return f"Field 'email' is refused by this account's rules: {record['email'][:80]!r}", ".email"
     if not isinstance(record, dict):
         return "Record must be an object", ""
     if record.get("@type") != "contact":

@@ -533,6 +533,8 @@ async def _om_admitted(state: SandboxState, account: OmetriaAccount, raw: bytes)
         return Reply(504, _GATEWAY_504, "text/html"), kind
     if kind == "429":
         return ometria_error(429, "Too many requests.", {**queue_headers, "Retry-After": "1"}), kind
+    if kind == "402":
+        return ometria_error(402, "Quota exceeded: this account's monthly contact allowance is used up."), kind
     if kind == "drop":
         return ometria_error(500, "dropped"), kind  # never sent
     try:
