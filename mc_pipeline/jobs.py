@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from dagster import AssetSelection, define_asset_job, in_process_executor
+from dagster import AssetSelection, PartitionedConfig, define_asset_job, in_process_executor
 
 from mc_pipeline.assets import ASSETS
 from mc_pipeline.assets.mailchimp import PAGES_KEY
 from mc_pipeline.partitions import mailchimp_lists
+from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
+from mc_pipeline.tags import CLIENT, LIST, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, SYNC_KIND, run_tags
 
 SYNC_JOB = "mailchimp_to_ometria_sync"
 PAGES_OP = "__".join(PAGES_KEY.path)  # the op name Dagster gives the asset mailchimp/member_pages
+
+
+def sync_run_config(full_refresh: bool = False) -> dict[str, Any]:
+    return {"ops": {PAGES_OP: {"config": {"full_refresh": full_refresh}}}}
+
+
+def partition_tags(partition_key: str) -> dict[str, str]:
+    """Tags every run of a partition gets, however it is launched (launchpad, backfill, schedule):
+    the account tags are what the run queue limits, one run at a time per account."""
+    client_id, list_id = parse_partition_key(partition_key)
+    path = os.environ.get("MC_PIPELINE_CLIENTS")
+    if path:
+        try:
+            return run_tags(YamlClientRegistry(path).client(client_id), list_id, "manual")
+        except (RegistryError, KeyError):
+            pass  # the run itself will fail with the registry's own message
+    return {
+        CLIENT: client_id,
+        LIST: list_id,
+        MAILCHIMP_ACCOUNT: client_id,
+        OMETRIA_ACCOUNT: client_id,
+        SYNC_KIND: "manual",
+    }
+
 
 sync_job = define_asset_job(
     SYNC_JOB,
     selection=AssetSelection.assets(*ASSETS).without_checks(),  # the freshness check has its own schedule
     partitions_def=mailchimp_lists,
+    config=PartitionedConfig(
+        partitions_def=mailchimp_lists,
+        run_config_for_partition_key_fn=lambda _key: sync_run_config(full_refresh=False),
+        tags_for_partition_key_fn=partition_tags,
+    ),
     executor_def=in_process_executor,
     description="Bring one client list from Mailchimp into Ometria: incremental from the last watermark.",
 )
-
-
-def sync_run_config(full_refresh: bool = False) -> dict[str, Any]:
-    return {"ops": {PAGES_OP: {"config": {"full_refresh": full_refresh}}}}

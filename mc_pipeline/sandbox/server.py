@@ -109,6 +109,9 @@ class SandboxState:
         return lst
 
 
+STATE = web.AppKey("state", SandboxState)
+
+
 # ---------------------------------------------------------------------------- wire helpers
 def problem(status: int, title: str, detail: str, instance: str | None = None) -> Reply:
     body = {
@@ -161,7 +164,7 @@ async def _write(
     resp.charset = "utf-8" if "charset" in reply.content_type else None
     resp.content_length = len(body)
     # The sandbox's clock, not the wall's: clients may take "now" from here, as from a real server.
-    now = request.app["state"].clock.now()
+    now = request.app[STATE].clock.now()
     resp.headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
     try:
         await resp.prepare(request)
@@ -185,7 +188,7 @@ def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | Non
 
     def wrap(handler: MailchimpHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def endpoint(request: web.Request) -> web.StreamResponse:
-            state: SandboxState = request.app["state"]
+            state: SandboxState = request.app[STATE]
             settings = state.config.mailchimp
             started = time.monotonic()
             key = mailchimp_key(request)
@@ -474,7 +477,7 @@ async def mc_not_found(request: web.Request) -> web.StreamResponse:
 
 # ---------------------------------------------------------------------------- Ometria
 async def om_push(request: web.Request) -> web.StreamResponse:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     settings = state.config.ometria
     started = time.monotonic()
     key = request.headers.get("X-Ometria-Auth")
@@ -565,7 +568,7 @@ async def _om_admitted(state: SandboxState, account: OmetriaAccount, raw: bytes)
 
 
 async def om_errors(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     key = request.headers.get("X-Ometria-Auth")
     account = state.om_by_key.get(key) if key else None
     if account is None:
@@ -584,7 +587,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _admin_list(request: web.Request) -> MailchimpList:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     lst = state.lists.get(request.match_info["list_id"])
     if lst is None:
         raise web.HTTPNotFound(text=f"no list {request.match_info['list_id']}")
@@ -610,7 +613,7 @@ async def admin_health(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_config(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     return _admin_json(
         {
             "seed": state.config.seed,
@@ -628,7 +631,7 @@ async def admin_config(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_stats(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     return _admin_json(
         {
             "keys": state.stats.snapshot(with_log=request.query.get("log") == "1"),
@@ -640,7 +643,7 @@ async def admin_stats(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_reset(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     body = await _body(request)
     state.stats.reset()
     state.faults.clear()
@@ -652,7 +655,7 @@ async def admin_reset(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_clock(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     if request.method == "POST":
         body = await _body(request)
         if "advance" in body:
@@ -666,7 +669,7 @@ async def admin_clock(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_add_member(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     body = await _body(request)
     member = _admin_list(request).add(
         body["email_address"],
@@ -679,7 +682,7 @@ async def admin_add_member(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_update_member(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     body = await _body(request)
     member = _admin_list(request).update(request.match_info["key"], clock=state.clock, **body)
     return _admin_json(member)
@@ -687,7 +690,7 @@ async def admin_update_member(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_member_action(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     lst = _admin_list(request)
     key, action = request.match_info["key"], request.match_info["action"]
     statuses = {
@@ -707,7 +710,7 @@ async def admin_member_action(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_faults(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     body = await _body(request)
     target = body["target"]
     if "rates" in body:
@@ -719,7 +722,7 @@ async def admin_faults(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_revoke(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     client = request.match_info["client_id"]
     service = request.match_info["service"]
     revoked = (await _body(request)).get("revoked", True)
@@ -730,14 +733,14 @@ async def admin_revoke(request: web.Request) -> web.Response:
 
 @_admin
 async def admin_contacts(request: web.Request) -> web.Response:
-    state: SandboxState = request.app["state"]
+    state: SandboxState = request.app[STATE]
     om = state.om_by_client[request.match_info["client_id"]]
     return _admin_json({"contacts": om.snapshot(request.query.get("collection")), "writes": om.writes})
 
 
 def build_app(state: SandboxState) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
-    app["state"] = state
+    app[STATE] = state
     r = app.router
     r.add_get("/3.0/", mc_root)
     r.add_get("/3.0/ping", mc_ping)

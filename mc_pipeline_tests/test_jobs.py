@@ -1,0 +1,32 @@
+"""Every run of the sync job carries the account tags the run queue limits, however it is launched."""
+
+from __future__ import annotations
+
+from dagster import DagsterInstance
+
+from mc_pipeline.definitions import defs
+from mc_pipeline.jobs import SYNC_JOB, partition_tags
+from mc_pipeline.local import LocalEnvironment
+from mc_pipeline.partitions import MAILCHIMP_LISTS
+from mc_pipeline.tags import CLIENT, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, SYNC_KIND
+
+
+def test_a_launched_partition_run_is_tagged_with_its_accounts(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    key = small_env.partition_keys()[0]
+    instance.add_dynamic_partitions(MAILCHIMP_LISTS, [key])
+    result = defs.resolve_job_def(SYNC_JOB).execute_in_process(instance=instance, partition_key=key)
+    assert result.success
+    tags = instance.get_run_by_id(result.run_id).tags
+    assert tags[CLIENT] == "client-1" and tags[MAILCHIMP_ACCOUNT] == "client-1"
+    assert tags[OMETRIA_ACCOUNT] == "client-1" and tags[SYNC_KIND] == "manual"
+
+
+def test_shared_accounts_are_named_by_the_registry(small_env: LocalEnvironment) -> None:
+    text = small_env.registry.read_text().replace(
+        "    base_url: http", "    account: shared-acct\n    base_url: http", 1
+    )
+    small_env.registry.write_text(text)
+    tags = partition_tags(small_env.partition_keys()[0])
+    assert tags[MAILCHIMP_ACCOUNT] == "shared-acct" and tags[OMETRIA_ACCOUNT] == "client-1"
