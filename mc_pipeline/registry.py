@@ -91,7 +91,9 @@ class OmetriaAccount(BaseModel):
 
     api_key: SecretRef
     base_url: str | None = None
-    requests_per_second: float = Field(8.0, gt=0, le=8.0, description="Ometria's push limit per account")
+    requests_per_second: float = Field(
+        8.0, gt=0, le=100.0, description="Ometria's push limit: 8 unless Ometria raised it for the plan"
+    )
     account: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
     )
