@@ -92,11 +92,12 @@ def map_optin(status: pa.ChunkedArray | pa.Array) -> pa.Array:
 # structure, never the inside of a string (where every '"' is escaped).
 _STRING = r'"(?:[^"\\]|\\.)*"'
 _SCALAR = rf"(?:{_STRING}|null|true|false|-?[0-9][0-9.eE+-]*)"
-_DROPPED = rf'(?:"(?:FNAME|LNAME|PHONE)":{_SCALAR}|"[A-Za-z0-9_]+":(?:""|null))'
+_DROPPED = rf'(?:"(?:FNAME|LNAME|PHONE)":{_SCALAR}|{_STRING}:(?:""|null))'
 
 
 def properties_json(merge_fields_json: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Merge fields minus FNAME, LNAME, PHONE (mapped to their own fields) and empty values."""
+    """Merge fields minus FNAME, LNAME, PHONE (mapped to their own fields) and empty values ("" or
+    null, at any depth). FNAME, LNAME or PHONE holding an object stays: it maps to nothing else."""
     out = pc.replace_substring_regex(merge_fields_json, rf",{_DROPPED}", "")
     out = pc.replace_substring_regex(out, rf"\{{{_DROPPED},?", "{")
     return _where(pc.not_equal(out, "{}"), out, pa.string())

@@ -1,0 +1,125 @@
+"""Property-based tests: no member, however malformed, fails a page or the transform.
+
+Members are drawn with missing keys, wrong types, nulls, `""` timestamps, huge strings, odd
+unicode and unexpected merge fields; every member must end as a staged row or a dead letter,
+every staged row as a contact or a dead letter, and the properties must match a plain-Python
+reference of the mapping.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mc_pipeline.staging import parse_page
+from mc_pipeline.transform import EMAIL_PATTERN, properties_json, to_contacts
+
+ODD_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)),  # any code point JSON can carry
+    max_size=40,
+) | st.sampled_from(["", " ", "\u200d", "\u202e", "Ω≈ç√", "\U0001d54f", "a" * 5000, '"', "\\", "\n", "null"])
+SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+)  # JSON has neither | ODD_TEXT
+ANY_JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ODD_TEXT, inner, max_size=3), max_leaves=8
+)
+TIMESTAMPS = (
+    st.sampled_from(
+        [
+            "",
+            "2024-01-02T03:04:05+00:00",
+            "2024-01-02T03:04:05Z",
+            "2024-13-40T99:99:99+00:00",
+            "yesterday",
+            "2024-01-02T03:04:05+05:30",
+        ]
+    )
+    | SCALARS
+)
+MERGE_KEYS = st.sampled_from(["FNAME", "LNAME", "PHONE", "BIRTHDAY", "ADDRESS", "COMPANY", "MMERGE7"]) | st.from_regex(
+    r"[A-Z][A-Z0-9_]{0,9}", fullmatch=True
+)
+MERGE_FIELDS = st.dictionaries(MERGE_KEYS, SCALARS | st.dictionaries(ODD_TEXT, SCALARS, max_size=3), max_size=6)
+
+
+@st.composite
+def members(draw: Any) -> Any:
+    if draw(st.integers(0, 30)) == 0:
+        return draw(ANY_JSON)  # not even an object, now and then
+    fields: dict[str, Any] = {
+        "id": st.from_regex(r"[0-9a-f]{32}", fullmatch=True) | SCALARS,
+        "email_address": st.emails() | ODD_TEXT | SCALARS,
+        "unique_email_id": ODD_TEXT | SCALARS,
+        "contact_id": st.from_regex(r"[0-9a-f]{32}", fullmatch=True) | SCALARS,
+        "full_name": ODD_TEXT | SCALARS,
+        "status": st.sampled_from(["subscribed", "unsubscribed", "cleaned", "pending", "transactional", "archived"])
+        | SCALARS,
+        "merge_fields": MERGE_FIELDS | SCALARS,
+        "timestamp_signup": TIMESTAMPS,
+        "timestamp_opt": TIMESTAMPS,
+        "last_changed": TIMESTAMPS,
+        "language": ODD_TEXT | SCALARS,
+        "vip": SCALARS,
+        "member_rating": SCALARS,
+        "location": st.fixed_dictionaries({}, optional={"country_code": ODD_TEXT | SCALARS}) | SCALARS,
+        "source": ODD_TEXT | SCALARS,
+        "tags": st.lists(
+            st.fixed_dictionaries({}, optional={"name": ODD_TEXT | SCALARS, "id": SCALARS}) | SCALARS, max_size=3
+        )
+        | SCALARS,
+    }
+    chosen = draw(st.sets(st.sampled_from(sorted(fields))))
+    member = {k: draw(fields[k]) for k in sorted(chosen)}
+    if draw(st.booleans()):
+        member["unexpected_" + draw(st.from_regex(r"[a-z]{1,8}", fullmatch=True))] = draw(ANY_JSON)
+    return member
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(members(), max_size=25))
+def test_no_member_fails_a_page_or_the_transform(page: list[Any]) -> None:
+    raw = orjson.dumps({"members": page, "total_items": len(page)})
+    staged, dead = parse_page(raw, 0)
+    assert staged.num_rows + len(dead) == len(page)
+    good, bad = to_contacts(staged, "mailchimp-0123456789")
+    assert good.num_rows + bad.num_rows == staged.num_rows
+    for record in good.to_pylist():  # what is sent would pass Ometria's own checks
+        assert record["id"].strip() and re.match(EMAIL_PATTERN, record["email"])
+        assert record["marketing_optin"] in ("EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED")
+        if record["properties_json"] is not None:
+            assert isinstance(orjson.loads(record["properties_json"]), dict)
+    assert set(bad.column("reason").to_pylist()) <= {
+        "no stable id: contact_id and unique_email_id are empty",
+        "email missing or not a valid address",
+        "record over Ometria's 60 KB limit",
+    }
+
+
+def _reference(merge: dict[str, Any]) -> dict[str, Any] | None:
+    """The documented rule, in plain Python: empty values go at any depth; FNAME, LNAME and PHONE
+    go when they are plain values (an object there maps to nothing else, so it stays)."""
+
+    def empty(v: Any) -> bool:
+        return v is None or (isinstance(v, str) and v == "")
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not empty(v)}
+        return value
+
+    mapped = ("FNAME", "LNAME", "PHONE")
+    out = {k: clean(v) for k, v in merge.items() if not empty(v) and not (k in mapped and not isinstance(v, dict))}
+    return out or None
+
+
+@settings(max_examples=500, deadline=None)
+@given(MERGE_FIELDS)
+def test_properties_equal_a_plain_python_reference(merge: dict[str, Any]) -> None:
+    got = properties_json(pa.array([orjson.dumps(merge).decode()])).to_pylist()[0]
+    assert (orjson.loads(got) if got else None) == _reference(merge)
