@@ -8,6 +8,7 @@ from typing import Any
 from dagster import AssetSelection, PartitionedConfig, define_asset_job, in_process_executor
 
 from mc_pipeline.assets import ASSETS
+from mc_pipeline.assets.checks import counts_reconcile
 from mc_pipeline.assets.mailchimp import PAGES_KEY
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
@@ -42,7 +43,8 @@ def partition_tags(partition_key: str) -> dict[str, str]:
 
 sync_job = define_asset_job(
     SYNC_JOB,
-    selection=AssetSelection.assets(*ASSETS).without_checks(),  # the freshness check has its own schedule
+    # The per-partition reconciliation runs with each sync; the freshness check has its own schedule.
+    selection=AssetSelection.assets(*ASSETS).without_checks() | AssetSelection.checks(counts_reconcile),
     partitions_def=mailchimp_lists,
     config=PartitionedConfig(
         partitions_def=mailchimp_lists,

@@ -9,6 +9,7 @@ __all__ = ["assert_ometria_matches", "expected_contacts", "metadata", "step_fail
 from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 
 from mc_pipeline.assets import ASSETS
+from mc_pipeline.assets.checks import counts_reconcile
 from mc_pipeline.definitions import resources
 from mc_pipeline.jobs import sync_run_config
 from mc_pipeline.local import expected_contacts, ometria_differences
@@ -28,7 +29,7 @@ def sync(
     if not instance.has_dynamic_partition(MAILCHIMP_LISTS, partition):
         instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])
     return materialize(
-        ASSETS,
+        [*ASSETS, counts_reconcile],
         partition_key=partition,
         instance=instance,
         resources={**resources(), **(overrides or {})},

@@ -41,6 +41,10 @@ def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, insta
     assert_ometria_matches(sb, partition)
     watermark = latest_watermark(instance, partition)
     assert watermark is not None
+    (check,) = full.get_asset_check_evaluations()
+    assert check.check_name == "counts_reconcile" and check.passed
+    counts = {k: v.value for k, v in check.metadata.items()}
+    assert counts["staged"] == counts["contacts"] == counts["accepted"] == len(expected)
 
     # Change the list: one new member, one unsubscribed, one renamed, one archived.
     members = sb.mailchimp_list(list_id).members(include_archived=False)
@@ -145,3 +149,25 @@ def test_old_run_folders_are_pruned(
         sync(instance, partition)
     runs = Path(small_env.data_dir, "lists", "client-1", list_id, "runs")
     assert len([p for p in runs.iterdir() if p.is_dir()]) == keep
+
+
+def test_the_reconciliation_check_names_the_counts_when_a_step_loses_a_record(
+    small_env: LocalEnvironment, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A staging bug that drops one member: the run succeeds, the check fails and says where."""
+    from mc_pipeline import staging
+
+    original = staging.parse_page
+
+    def lossy(raw: bytes, page_offset: int = 0):
+        table, dead = original(raw, page_offset)
+        return (table.slice(1) if page_offset == 0 and table.num_rows else table), dead
+
+    monkeypatch.setattr(staging, "parse_page", lossy)
+    list_id = small_env.sandbox.client("client-1").list_ids[0]
+    result = sync(instance, f"client-1:{list_id}")
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed
+    assert "were staged or dead-lettered" in check.description
+    counts = {k: v.value for k, v in check.metadata.items()}
+    assert counts["staged"] == counts["mailchimp_total_first"] + counts["archived"] - 2  # page 0 of both sweeps
