@@ -12,6 +12,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from dagster import ConfigurableResource
 from pydantic import Field
 
@@ -79,6 +82,9 @@ class PipelineStorage(ConfigurableResource):
         folder.root.mkdir(parents=True, exist_ok=True)
         return folder
 
+    def known_contacts(self, partition: str) -> KnownContacts:
+        return KnownContacts(self.partition_dir(partition) / "known")
+
     def prune(self, partition: str, keep_also: tuple[str, ...] = ()) -> list[str]:
         """Remove the oldest run folders beyond `keep_runs`; never those named in `keep_also`."""
         runs_dir = self.partition_dir(partition) / "runs"
@@ -92,3 +98,43 @@ class PipelineStorage(ConfigurableResource):
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old.name)
         return removed
+
+
+KNOWN_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("email", pa.string())])
+
+
+class KnownContacts:
+    """The contact ids this pipeline has pushed for one partition (with their last email).
+
+    Mailchimp forgets a member deleted outright; only this record tells a full refresh which
+    contacts Ometria still holds for the list. Each import appends a small delta file; a full
+    refresh folds the deltas into one base file.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def add(self, run_id: str, contacts: pa.Table) -> None:
+        if not RUN_ID_RE.match(run_id):
+            raise ValueError("unsafe run id")
+        if contacts.num_rows:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(contacts.select(["id", "email"]).cast(KNOWN_SCHEMA), self.folder / f"delta-{run_id}.parquet")
+
+    def read(self) -> pa.Table:
+        """Every known contact, one row per id (the latest file wins)."""
+        files = sorted(self.folder.glob("*.parquet"), key=lambda p: (p.name != "base.parquet", p.stat().st_mtime))
+        if not files:
+            return KNOWN_SCHEMA.empty_table()
+        table = pa.concat_tables([pq.read_table(f).cast(KNOWN_SCHEMA) for f in files])
+        newest_first = table.take(pa.array(range(table.num_rows - 1, -1, -1)))
+        ids = newest_first.column("id")
+        return newest_first.take(pc.index_in(pc.unique(ids), value_set=ids))  # each id's newest row
+
+    def replace(self, contacts: pa.Table) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / ".base.parquet.tmp"
+        pq.write_table(contacts.select(["id", "email"]).cast(KNOWN_SCHEMA), tmp)
+        os.replace(tmp, self.folder / "base.parquet")
+        for delta in self.folder.glob("delta-*.parquet"):
+            delta.unlink()

@@ -18,6 +18,11 @@
 | `country_id`             | `location.country_code`, else ADDRESS.country (ISO 3166-1 alpha-2)      |
 | `properties`             | every merge field but FNAME, LNAME, PHONE (empty values left out)       |
 
+Members deleted outright in Mailchimp vanish from its API; the weekly full refresh finds the
+contacts this pipeline pushed that Mailchimp no longer lists and sends each an opt-out
+(`marketing_optin` EXPLICITLY_OPTEDOUT, `timestamp_unsubscribed`, `properties.mailchimp_deleted`,
+with `@merge` so Ometria keeps the rest of the record). See `tombstones`.
+
 Why these choices: archived members can no longer be emailed from Mailchimp, so they leave
 Ometria as opted out rather than silently stale; pending and transactional members never gave
 marketing consent, so they are NOT_SPECIFIED. A record Ometria would refuse (no stable id, a
@@ -26,6 +31,7 @@ malformed email, over 60 KB) becomes a dead letter with its reason instead of fa
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -122,12 +128,16 @@ def date_of_birth(birthday: pa.ChunkedArray | pa.Array) -> pa.Array:
     return _where(pc.equal(round_trip, out), out, pa.string())
 
 
+def contact_ids(staged: pa.Table) -> pa.Array:
+    """Each member's Ometria id: `contact_id`, else `unique_email_id` (null when neither is set)."""
+    return pc.coalesce(_nonempty(staged.column("contact_id")), _nonempty(staged.column("unique_email_id")))
+
+
 def to_contacts(staged: pa.Table, collection: str) -> tuple[pa.Table, pa.Table]:
     """Staged members -> (Ometria contact records, dead letters), column by column."""
     n = staged.num_rows
     c = staged.column
-    contact_id = _nonempty(c("contact_id"))
-    record_id = pc.coalesce(contact_id, _nonempty(c("unique_email_id")))
+    record_id = contact_ids(staged)
     email = _nonempty(c("email_address"))
     fname, lname = _nonempty(c("fname")), _nonempty(c("lname"))
     first_from_name, rest_from_name = split_full_name(c("full_name"))
@@ -219,3 +229,21 @@ def record_dicts(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
 def push_body(batch: pa.RecordBatch | pa.Table) -> bytes:
     """A push request body: the batch's records as a JSON array (timestamps as ISO 8601)."""
     return orjson.dumps(record_dicts(batch))
+
+
+def tombstones(known: pa.RecordBatch | pa.Table, collection: str, when: datetime) -> list[dict[str, Any]]:
+    """Records that opt out contacts whose member Mailchimp deleted outright (`@merge` keeps the rest)."""
+    stamp = when.isoformat()
+    return [
+        {
+            "@type": "contact",
+            "@collection": collection,
+            "@merge": True,
+            "id": row["id"],
+            **({"email": row["email"]} if row["email"] else {}),
+            "marketing_optin": "EXPLICITLY_OPTEDOUT",
+            "timestamp_unsubscribed": stamp,
+            "properties": {"mailchimp_deleted": True},
+        }
+        for row in known.to_pylist()
+    ]

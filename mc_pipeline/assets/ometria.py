@@ -9,8 +9,10 @@ the next run's window starts from, so a failed or partial import never moves it.
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import (
     AssetIn,
@@ -39,8 +41,8 @@ from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
 from mc_pipeline.staging import dead_letter
-from mc_pipeline.storage import PipelineStorage
-from mc_pipeline.transform import CONTACT_SCHEMA, record_dicts, to_contacts
+from mc_pipeline.storage import PipelineStorage, RunFolder
+from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, to_contacts, tombstones
 
 
 @op(out=Out(ContactsFile, io_manager_key="state_io_manager"), tags={"kind": "arrow"})
@@ -109,8 +111,11 @@ def import_to_ometria(
             raise failure(exc) from None
     else:
         context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
-    stats.seconds = time.monotonic() - started
     folder = storage.run_folder(run.partition, run.run_id)
+    deleted, tombstones_rejected = _remember_and_reconcile(context, contacts, client, ometria, storage, rejected, stats)
+    accepted = contacts.records - len(rejected)
+    rejected += tombstones_rejected
+    stats.seconds = time.monotonic() - started
     write_dead_letters(folder.root / "dead_letters-import.parquet", rejected)
     dead = contacts.dead_letters + len(rejected)
     members = contacts.records + contacts.dead_letters
@@ -138,8 +143,8 @@ def import_to_ometria(
         collection=contacts.collection,
         records=contacts.records,
         pushed=stats.pushed,
-        accepted=contacts.records - len(rejected),
-        rejected=len(rejected),
+        accepted=accepted,
+        rejected=contacts.records - accepted,
         dead_letters=dead,
         watermark=run.window.before,
     )
@@ -155,9 +160,10 @@ def import_to_ometria(
             "staged_rows": contacts.staged_rows,
             "records": contacts.records,
             "pushed": stats.pushed,
-            "accepted": contacts.records - len(rejected),
-            "rejected": len(rejected),
+            "accepted": accepted,
+            "rejected": contacts.records - accepted,
             "resent_to_isolate_rejections": stats.resent,
+            "deleted_in_mailchimp_opted_out": deleted,
             "dead_letters": dead,
             **dead_md,
             "requests": stats.requests,
@@ -169,6 +175,54 @@ def import_to_ometria(
             "run_folder": MetadataValue.path(run.folder),
         },
     )
+
+
+def _remember_and_reconcile(
+    context: OpExecutionContext,
+    contacts: ContactsFile,
+    client,
+    ometria: OmetriaResource,
+    storage: PipelineStorage,
+    rejected: list[dict],
+    stats: PushStats,
+) -> tuple[int, list[dict]]:
+    """Record the contacts Ometria now holds for this list; on a full refresh, opt out those whose
+    member Mailchimp deleted outright (a full fetch is the only way to notice a deletion).
+
+    Returns how many were opted out, and the dead letters of any Ometria refused.
+    """
+    run = contacts.run
+    known = storage.known_contacts(run.partition)
+    refused = {d["record_id"] for d in rejected}
+    pushed = pq.read_table(contacts.path, columns=["id", "email"])
+    if refused:
+        pushed = pushed.filter(pc.invert(pc.is_in(pushed.column("id"), value_set=pa.array(sorted(refused)))))
+    known.add(run.run_id, pushed)
+    if not run.window.full_refresh:
+        return 0, []
+    staged = pq.read_table(RunFolder(Path(run.folder)).members, columns=["contact_id", "unique_email_id"])
+    listed = contact_ids(staged).drop_null()
+    everyone = known.read()
+    still_listed = pc.is_in(everyone.column("id"), value_set=listed)
+    gone = everyone.filter(pc.invert(still_listed))
+    dead: list[dict] = []
+    if gone.num_rows:
+        context.log.warning(
+            f"{run.partition}: {gone.num_rows} contacts pushed before are no longer in Mailchimp (deleted); "
+            "opting them out in Ometria"
+        )
+        om = ometria.client(client, logger=context.log)
+        try:
+            for batch in gone.to_batches(max_chunksize=MAX_RECORDS):
+                records = tombstones(batch, contacts.collection, run.window.before)
+                for record, reason in om.push_records(records, stats, list_id=run.list_id):
+                    dead.append(dead_letter("import", None, record.get("id"), f"Ometria: {reason}", record))
+        except ApiError as exc:
+            raise failure(exc) from None
+        finally:
+            om.close()
+    known.replace(everyone.filter(still_listed))
+    return gone.num_rows, dead
 
 
 def _archived_watermark(window: Window) -> dict:

@@ -171,3 +171,32 @@ def test_the_reconciliation_check_names_the_counts_when_a_step_loses_a_record(
     assert "were staged or dead-lettered" in check.description
     counts = {k: v.value for k, v in check.metadata.items()}
     assert counts["staged"] == counts["mailchimp_total_first"] + counts["archived"] - 2  # page 0 of both sweeps
+
+
+def test_members_deleted_outright_are_opted_out_by_a_full_refresh(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    partition = f"client-1:{list_id}"
+    sync(instance, partition)
+    doomed = sb.mailchimp_list(list_id).members(include_archived=False)[:3]
+    for m in doomed:
+        sb.delete_member(list_id, m["id"])
+    settle()
+    incremental = sync(instance, partition)  # a window cannot see a deletion...
+    assert metadata(incremental, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 0
+    held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
+    assert all(
+        held[m["contact_id"]]["marketing_optin"] != "EXPLICITLY_OPTEDOUT" for m in doomed if m["status"] == "subscribed"
+    )
+    full = sync(instance, partition, full_refresh=True)  # ...the weekly full refresh can
+    assert metadata(full, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 3
+    held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
+    for m in doomed:
+        record = held[m["contact_id"]]
+        assert record["marketing_optin"] == "EXPLICITLY_OPTEDOUT" and record["properties"]["mailchimp_deleted"]
+        assert record["email"] == m["email_address"]  # @merge kept the rest of the record
+    assert_ometria_matches(sb, partition)
+    again = sync(instance, partition, full_refresh=True)  # and only once
+    assert metadata(again, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 0
