@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -24,21 +25,19 @@ def sync_run_config(full_refresh: bool = False) -> dict[str, Any]:
 
 def partition_tags(partition_key: str) -> dict[str, str]:
     """Tags every run of a partition gets, however it is launched (launchpad, backfill, schedule):
-    the account tags are what the run queue limits, one run at a time per account."""
+    the account tags are what the run queue limits, one run at a time per account.
+
+    No `mc_pipeline/sync` kind here: Dagster lets these tags override a RunRequest's own, and
+    the sensor's and schedules' kinds ("initial", "incremental") must survive.
+    """
     client_id, list_id = parse_partition_key(partition_key)
+    tags = {CLIENT: client_id, LIST: list_id, MAILCHIMP_ACCOUNT: client_id, OMETRIA_ACCOUNT: client_id}
     path = os.environ.get("MC_PIPELINE_CLIENTS")
     if path:
-        try:
-            return run_tags(YamlClientRegistry(path).client(client_id), list_id, "manual")
-        except (RegistryError, KeyError):
-            pass  # the run itself will fail with the registry's own message
-    return {
-        CLIENT: client_id,
-        LIST: list_id,
-        MAILCHIMP_ACCOUNT: client_id,
-        OMETRIA_ACCOUNT: client_id,
-        SYNC_KIND: "manual",
-    }
+        with contextlib.suppress(RegistryError, KeyError):  # the run will fail with the registry's message
+            tags = run_tags(YamlClientRegistry(path).client(client_id), list_id, "")
+    tags.pop(SYNC_KIND, None)
+    return tags
 
 
 sync_job = define_asset_job(

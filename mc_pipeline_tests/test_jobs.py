@@ -20,7 +20,20 @@ def test_a_launched_partition_run_is_tagged_with_its_accounts(
     assert result.success
     tags = instance.get_run_by_id(result.run_id).tags
     assert tags[CLIENT] == "client-1" and tags[MAILCHIMP_ACCOUNT] == "client-1"
-    assert tags[OMETRIA_ACCOUNT] == "client-1" and tags[SYNC_KIND] == "manual"
+    assert tags[OMETRIA_ACCOUNT] == "client-1" and SYNC_KIND not in tags
+
+
+def test_a_run_requests_kind_survives_the_partition_tags(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    """The sensor's "initial" and the schedule's "incremental" must reach the run."""
+    key = small_env.partition_keys()[0]
+    instance.add_dynamic_partitions(MAILCHIMP_LISTS, [key])
+    job = defs.resolve_job_def(SYNC_JOB)
+    tags = job.partitioned_config.get_tags_for_partition_key(key)
+    assert SYNC_KIND not in tags
+    result = job.execute_in_process(instance=instance, partition_key=key, tags={SYNC_KIND: "initial"})
+    assert instance.get_run_by_id(result.run_id).tags[SYNC_KIND] == "initial"
 
 
 def test_shared_accounts_are_named_by_the_registry(small_env: LocalEnvironment) -> None:
