@@ -106,6 +106,40 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from mc_pipeline.dead_letters import dead_letter_files, describe, load, replay
+    from mc_pipeline.registry import parse_partition_key
+    from mc_pipeline.resources import OmetriaResource
+    from mc_pipeline.storage import PipelineStorage
+
+    try:
+        parse_partition_key(args.partition)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    storage = PipelineStorage()
+    if args.action == "list":
+        print(describe(load(dead_letter_files(storage, args.partition, args.run))))
+        return 0
+    registry = os.environ.get("MC_PIPELINE_CLIENTS")
+    if not registry:
+        print("error: MC_PIPELINE_CLIENTS is not set (the client registry)", file=sys.stderr)
+        return 2
+    result = replay(
+        args.partition,
+        storage=storage,
+        ometria=OmetriaResource(),
+        registry_path=registry,
+        run_id=args.run,
+        dry_run=args.dry_run,
+    )
+    verb = "would push" if args.dry_run else "pushed"
+    print(f"{result.tried} dead letters: {verb} {result.pushed}, {len(result.still_dead)} still failing")
+    if result.still_dead:
+        print(describe(result.still_dead, limit=10))
+    return 0 if not result.still_dead else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mc-pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -143,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     parts.add_argument("action", choices=["list", "add", "remove"])
     parts.add_argument("keys", nargs="*", metavar="CLIENT:LIST", help="e.g. acme:1a2d7ebf82")
     parts.set_defaults(func=cmd_partitions)
+
+    dead = sub.add_parser("dead-letters", help="list a partition's dead letters, or replay them after a fix")
+    dead.add_argument("action", choices=["list", "replay"])
+    dead.add_argument("partition", metavar="CLIENT:LIST")
+    dead.add_argument("--run", help="only this run's folder (default: every kept run)")
+    dead.add_argument("--dry-run", action="store_true", help="convert again but push nothing")
+    dead.set_defaults(func=cmd_dead_letters)
     return parser
 
 

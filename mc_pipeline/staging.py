@@ -9,6 +9,7 @@ stays flat: rows go to Parquet in row groups, and de-duplication keeps only 16 b
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,13 @@ def parse_page(raw: bytes, page_offset: int = 0) -> tuple[pa.Table, list[dict[st
     return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA), dead
 
 
+_EMAIL_IN_TEXT = re.compile(r"[^\s'\"<>]+@[^\s'\"<>]+")
+
+
 def dead_letter(stage: str, member_id: str | None, record_id: str | None, reason: str, payload: Any) -> dict[str, Any]:
+    """A dead letter; an address quoted in the reason (Ometria's messages quote them) is replaced
+    by <email>, so reasons group and no address shows in metadata or logs."""
+    reason = _EMAIL_IN_TEXT.sub("<email>", reason)
     try:
         text = orjson.dumps(payload, default=str).decode()
     except TypeError:

@@ -205,3 +205,31 @@ def test_members_changed_during_a_long_full_sync_are_not_missed(tmp_path: Path, 
         settle()
         sync(instance, partition)
         assert_ometria_matches(sb, partition)
+
+
+def test_dead_letters_are_listed_and_replayed_after_a_fix(
+    small_env: LocalEnvironment, instance: DagsterInstance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mc_pipeline.cli import main
+
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]
+    partition = f"client-1:{list_id}"
+    victims = random.Random(11).sample(sb.mailchimp_list(list_id).members(include_archived=False), 4)
+    sb.state.config.ometria.reject_email_pattern = "|".join(
+        f"^{m['email_address'].replace('.', r'[.]').replace('+', r'[+]')}$" for m in victims
+    )
+    sync(instance, partition, overrides=FAST)
+    assert main(["dead-letters", "list", partition]) == 0
+    listed = capsys.readouterr().out
+    assert "4 dead letters" in listed and "refused by this account's rules" in listed
+    assert victims[0]["email_address"] not in listed  # masked
+
+    assert main(["dead-letters", "replay", partition]) == 1  # the rule is still there: nothing passes
+    assert "4 still failing" in capsys.readouterr().out
+    sb.state.config.ometria.reject_email_pattern = None  # the fix: Ometria's rule is lifted
+    assert main(["dead-letters", "replay", partition]) == 0
+    assert "pushed 4, 0 still failing" in capsys.readouterr().out
+    assert_ometria_matches(sb, partition)
+    assert main(["dead-letters", "list", partition]) == 0
+    assert "no dead letters" in capsys.readouterr().out
