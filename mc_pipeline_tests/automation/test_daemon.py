@@ -1,0 +1,78 @@
+"""The per-account limit across runs, proven with a real dagster-daemon: sensor, run queue, launcher.
+
+Three lists of one account, each big enough to keep 10 requests in flight. With the run
+queue's per-account tag limit (what dagster.yaml configures), the account's runs never overlap
+and the sandbox never answers 429. Without it (the control), runs overlap and the sandbox
+throttles them: the limit is what keeps the account within Mailchimp's 10 connections.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from mc_pipeline.local import dagster_daemon, local_instance_yaml, patched_environ, sandbox_environment
+from mc_pipeline.sandbox import Latency, SandboxConfig
+from mc_pipeline.tags import SYNC_KIND
+from mc_pipeline_tests.helpers import assert_ometria_matches
+
+NO_TAG_LIMITS = (
+    "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: QueuedRunCoordinator\n"
+    "  config:\n    max_concurrent_runs: 3\n    dequeue_interval_seconds: 1\n"
+    "telemetry:\n  enabled: false\n"
+)
+
+
+def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tuple[float, float]]]:
+    config = SandboxConfig.generated(clients=1, lists_per_client=3, members=11_500)
+    config.mailchimp.latency = Latency(base_ms=800)  # a fetch lasts seconds: long enough for runs to overlap
+    config.ometria.rate_per_second = 50
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(instance_yaml)
+    settings = {"DAGSTER_HOME": str(home), "MC_PIPELINE_SENSOR_INTERVAL_S": "2"}
+    with sandbox_environment(config, tmp_path / "work") as env, patched_environ(settings):
+        registry = yaml.safe_load(env.registry.read_text())
+        registry["clients"][0]["ometria"]["requests_per_second"] = 50  # a raised plan limit: a quicker test
+        env.registry.write_text(yaml.safe_dump(registry))
+        with DagsterInstance.get() as instance, dagster_daemon(tmp_path / "daemon.log") as daemon:
+            deadline = time.monotonic() + 240
+            while True:
+                runs = instance.get_runs(filters=RunsFilter(tags={SYNC_KIND: "initial"}))  # not the other schedules
+                if len(runs) == 3 and all(r.status == DagsterRunStatus.SUCCESS for r in runs):
+                    break
+                if any(r.status == DagsterRunStatus.FAILURE for r in runs) or daemon.poll() is not None:
+                    pytest.fail(f"a run failed or the daemon died:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail("the three syncs did not finish in time")
+                time.sleep(0.5)
+            records = instance.get_run_records(filters=RunsFilter(tags={SYNC_KIND: "initial"}))
+            spans = sorted((rec.start_time, rec.end_time) for rec in records if rec.start_time and rec.end_time)
+        stats = env.sandbox.stats("mailchimp:client-1")
+        for key in env.partition_keys():
+            assert_ometria_matches(env.sandbox, key)
+        return stats, spans
+
+
+def overlapping(spans: list[tuple[float, float]]) -> bool:
+    return any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
+
+
+def test_one_accounts_lists_sync_one_run_at_a_time_within_ten_connections(tmp_path: Path) -> None:
+    stats, spans = run_three_lists(tmp_path, local_instance_yaml(max_concurrent_runs=3))
+    print(f"with the tag limit: {stats}")
+    assert not overlapping(spans)  # the queue held the account's other runs back
+    assert stats["peak_in_flight"] == 10  # each run used the account's 10 connections...
+    assert stats["throttled"] == 0  # ...and never an 11th
+
+
+def test_control_without_the_tag_limit_the_account_is_throttled(tmp_path: Path) -> None:
+    stats, spans = run_three_lists(tmp_path, NO_TAG_LIMITS)
+    print(f"without the tag limit: {stats}")
+    assert overlapping(spans)
+    assert stats["throttled"] > 0  # runs in separate processes overran the account's 10 connections
