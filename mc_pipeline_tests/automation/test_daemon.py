@@ -54,6 +54,7 @@ def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tupl
             records = instance.get_run_records(filters=RunsFilter(tags={SYNC_KIND: "initial"}))
             spans = sorted((rec.start_time, rec.end_time) for rec in records if rec.start_time and rec.end_time)
         stats = env.sandbox.stats("mailchimp:client-1")
+        stats["ometria_throttled"] = env.sandbox.stats("ometria:client-1")["throttled"]
         for key in env.partition_keys():
             assert_ometria_matches(env.sandbox, key)
         return stats, spans
@@ -69,6 +70,7 @@ def test_one_accounts_lists_sync_one_run_at_a_time_within_ten_connections(tmp_pa
     assert not overlapping(spans)  # the queue held the account's other runs back
     assert stats["peak_in_flight"] == 10  # each run used the account's 10 connections...
     assert stats["throttled"] == 0  # ...and never an 11th
+    assert stats["ometria_throttled"] == 0  # one run pushing per Ometria account: its limiter holds the rate
 
 
 def test_control_without_the_tag_limit_the_account_is_throttled(tmp_path: Path) -> None:
