@@ -215,3 +215,12 @@ def test_without_the_overlap_plain_offset_paging_would_skip_members(small_env: L
 
     with client_of(small_env, resource) as mc, pytest.raises(MailchimpUnavailable, match="may have been skipped"):
         mc.fetch_window(list_id, since=None, on_page=on_page)
+
+
+def test_a_page_that_stays_malformed_is_reported_clearly(small_env: LocalEnvironment) -> None:
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    sb.script_faults(list_id, ["truncate"] * 10)
+    resource = MailchimpResource(max_attempts=3, backoff_base_s=0.01)
+    with pytest.raises(MailchimpUnavailable, match=r"list .*: gave up after 3 attempts; last cause: malformed JSON"):
+        collect(small_env, list_id, resource)
