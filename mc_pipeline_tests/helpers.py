@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["assert_ometria_matches", "expected_contacts", "metadata", "step_failure_message", "sync"]
+__all__ = [
+    "DAGSTER_CLI",
+    "assert_ometria_matches",
+    "dagster_materialize_command",
+    "expected_contacts",
+    "metadata",
+    "step_failure_message",
+    "sync",
+]
 
 from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 
@@ -55,3 +65,22 @@ def assert_ometria_matches(sb: Sandbox, partition: str, collection_prefix: str =
 def step_failure_message(result: ExecuteInProcessResult) -> str:
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     return failure.event_specific_data.error.message  # type: ignore[union-attr]
+
+
+DAGSTER_CLI = str(Path(sys.executable).with_name("dagster"))
+
+
+def dagster_materialize_command(partition: str, *extra: str) -> list[str]:
+    """The README's command: materialize a partition's three assets with the dagster CLI."""
+    return [
+        DAGSTER_CLI,
+        "asset",
+        "materialize",
+        "-m",
+        "mc_pipeline.definitions",
+        "--select",
+        "mailchimp/member_pages*",
+        "--partition",
+        partition,
+        *extra,
+    ]

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -26,7 +26,6 @@ import orjson
 import requests
 from dagster import ConfigurableResource
 from pydantic import Field, SecretStr
-from requests.adapters import HTTPAdapter
 
 from mc_pipeline.registry import MAILCHIMP_KEY_RE, Client
 from mc_pipeline.resources.errors import (
@@ -35,6 +34,7 @@ from mc_pipeline.resources.errors import (
     MailchimpRequestError,
     MailchimpUnavailable,
 )
+from mc_pipeline.resources.http import CallStats, Retry, RetryPolicy, pooled_session
 from mc_pipeline.resources.limits import account_gate, backoff_delay, fingerprint
 
 log = logging.getLogger(__name__)
@@ -89,20 +89,12 @@ class Page:
 
 
 @dataclass
-class FetchStats:
+class FetchStats(CallStats):
     calls: int = 0  # HTTP requests sent, retries included
-    retries: int = 0
-    throttled: int = 0
     bytes: int = 0
     pages: int = 0
     members: int = 0
     seconds: float = 0.0
-    causes: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def note(self, cause: str) -> None:
-        with self._lock:
-            self.causes[cause] = self.causes.get(cause, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -128,14 +120,6 @@ class WindowFetch:
     @property
     def shrank_by(self) -> int:
         return self.total_first - self.total_last
-
-
-class _Retry(Exception):
-    def __init__(self, cause: str, wait_s: float | None = None, throttle: bool = False) -> None:
-        super().__init__(cause)
-        self.cause = cause
-        self.wait_s = wait_s
-        self.throttle = throttle
 
 
 class MailchimpClient:
@@ -168,18 +152,11 @@ class MailchimpClient:
         self.page_size = page_size
         self.timeout = (connect_timeout_s, read_timeout_s)
         self.max_attempts = max_attempts
-        self.max_throttle_waits = max_throttle_waits
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
+        self.policy = RetryPolicy(max_attempts, max_throttle_waits, backoff_base_s, backoff_cap_s)
         self.log = logger or log
         self.gate = account_gate(f"mailchimp:{fingerprint(key)}", max_connections)
-        self.session = requests.Session()
+        self.session = pooled_session(max_connections, {"Accept-Encoding": "gzip, deflate"})
         self.session.auth = ("mc-pipeline", key)  # Basic: any user name, the key as password
-        self.session.headers["User-Agent"] = "mc-pipeline/0.1 (+requests)"
-        self.session.headers["Accept-Encoding"] = "gzip, deflate"
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_connections, max_retries=0, pool_block=True)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
         self._rng = random.Random()
 
     def close(self) -> None:
@@ -194,64 +171,37 @@ class MailchimpClient:
     # ------------------------------------------------------------------ requests
     def get(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> Response:
         """GET with the error policy; returns the raw body, its parsed JSON and the server's clock."""
-        attempts = throttles = 0
-        while True:
-            try:
-                return self._get_once(path, params, list_id=list_id, stats=stats)
-            except _Retry as retry:
-                stats.note(retry.cause)
-                if retry.throttle:
-                    throttles += 1
-                    with stats._lock:
-                        stats.throttled += 1
-                    if throttles > self.max_throttle_waits:
-                        raise MailchimpUnavailable(
-                            f"still throttled after {throttles - 1} waits ({retry.cause})",
-                            client_id=self.client_id,
-                            list_id=list_id,
-                        ) from None
-                    delay = retry.wait_s
-                    if delay is None:
-                        delay = backoff_delay(min(throttles, 6), self.backoff_base_s, self.backoff_cap_s, self._rng)
-                else:
-                    attempts += 1
-                    if attempts >= self.max_attempts:
-                        raise MailchimpUnavailable(
-                            f"gave up after {attempts} attempts; last cause: {retry.cause}",
-                            client_id=self.client_id,
-                            list_id=list_id,
-                        ) from None
-                    delay = backoff_delay(attempts - 1, self.backoff_base_s, self.backoff_cap_s, self._rng)
-                with stats._lock:
-                    stats.retries += 1
-                self.log.debug(f"Mailchimp {self.client_id} {path}: {retry.cause}; retrying in {delay:.2f}s")
-                time.sleep(delay)
+        return self.policy.call(
+            lambda: self._get_once(path, params, list_id=list_id, stats=stats),
+            stats,
+            lambda message: MailchimpUnavailable(message, client_id=self.client_id, list_id=list_id),
+            log=self.log,
+            rng=self._rng,
+        )
 
     def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats):
         url = f"{self.base_url}{path}"
         with self.gate:  # the account's connection limit, shared by every thread of this process
-            with stats._lock:
-                stats.calls += 1
+            stats.add(calls=1)
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout)
                 body = resp.content
             except _TRANSIENT as exc:
-                raise _Retry(type(exc).__name__) from None
-        with stats._lock:
-            stats.bytes += len(body)
+                raise Retry(type(exc).__name__) from None
+        stats.add(bytes=len(body))
         status = resp.status_code
         if status == 200:
             try:
                 return Response(body, orjson.loads(body), _server_time(resp))
             except orjson.JSONDecodeError:
-                raise _Retry(f"malformed JSON ({len(body)} bytes)") from None
+                raise Retry(f"malformed JSON ({len(body)} bytes)") from None
         problem = _problem(resp)
         if status == 429:
-            raise _Retry("429 Too Many Requests", _retry_after(resp), throttle=True)
+            raise Retry("429 Too Many Requests", _retry_after(resp), throttle=True)
         if status == 403 and problem is None:
-            raise _Retry("403 without a problem document (edge throttling)", _retry_after(resp), throttle=True)
+            raise Retry("403 without a problem document (edge throttling)", _retry_after(resp), throttle=True)
         if status >= 500:
-            raise _Retry(f"{status} {problem.get('title', '') if problem else resp.reason}".strip())
+            raise Retry(f"{status} {problem.get('title', '') if problem else resp.reason}".strip())
         title = problem.get("title", resp.reason) if problem else resp.reason
         detail = problem.get("detail", "") if problem else body[:200].decode("utf-8", "replace")
         message = f"{status} {title}: {detail}".strip()
@@ -392,9 +342,7 @@ class MailchimpClient:
             members = data.get("members") if isinstance(data, dict) else None
             total = data.get("total_items") if isinstance(data, dict) else None
             if isinstance(members, list) and isinstance(total, int):
-                with stats._lock:
-                    stats.pages += 1
-                    stats.members += len(members)
+                stats.add(pages=1, members=len(members))
                 return Page(
                     offset=offset, raw=resp.body, members=len(members), total_items=total, server_time=resp.server_time
                 )
@@ -406,7 +354,7 @@ class MailchimpClient:
                     client_id=self.client_id,
                     list_id=list_id,
                 )
-            time.sleep(backoff_delay(attempts - 1, self.backoff_base_s, self.backoff_cap_s, self._rng))
+            time.sleep(backoff_delay(attempts - 1, self.policy.backoff_base_s, self.policy.backoff_cap_s, self._rng))
 
     @staticmethod
     def _window(since: datetime | None, before: datetime | None, status: str | None) -> dict[str, Any]:

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import requests
 from dagster import ConfigurableResource
 from pydantic import Field, SecretStr
-from requests.adapters import HTTPAdapter
 
 from mc_pipeline.registry import Client
 from mc_pipeline.resources.errors import (
@@ -29,7 +26,8 @@ from mc_pipeline.resources.errors import (
     OmetriaQuotaError,
     OmetriaUnavailable,
 )
-from mc_pipeline.resources.limits import SlidingWindowLimiter, account_limiter, backoff_delay, fingerprint
+from mc_pipeline.resources.http import CallStats, Retry, RetryPolicy, pooled_session
+from mc_pipeline.resources.limits import SlidingWindowLimiter, account_limiter, fingerprint
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.ometria.com/v2"
@@ -38,27 +36,14 @@ _TRANSIENT = (requests.Timeout, requests.ConnectionError, requests.exceptions.Ch
 
 
 @dataclass
-class PushStats:
+class PushStats(CallStats):
     requests: int = 0
     batches: int = 0
     pushed: int = 0  # records in batches Ometria acknowledged
     accepted: int = 0
     rejected: int = 0
-    throttled: int = 0  # 429s received
-    retries: int = 0
     resent: int = 0  # records sent again to find which of a batch Ometria rejected
     seconds: float = 0.0
-    causes: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for name, n in counts.items():
-                setattr(self, name, getattr(self, name) + n)
-
-    def note(self, cause: str) -> None:
-        with self._lock:
-            self.causes[cause] = self.causes.get(cause, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -89,19 +74,10 @@ class OmetriaClient:
         key = api_key.get_secret_value()
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self.timeout = (connect_timeout_s, read_timeout_s)
-        self.max_attempts = max_attempts
-        self.max_throttle_waits = max_throttle_waits
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
+        self.policy = RetryPolicy(max_attempts, max_throttle_waits, backoff_base_s, backoff_cap_s)
         self.log = logger or log
         self.limiter: SlidingWindowLimiter = account_limiter(f"ometria:{fingerprint(key)}", requests_per_second)
-        self.session = requests.Session()
-        self.session.headers.update(
-            {"X-Ometria-Auth": key, "Content-Type": "application/json", "User-Agent": "mc-pipeline/0.1 (+requests)"}
-        )
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0, pool_block=True)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session = pooled_session(pool_size, {"X-Ometria-Auth": key, "Content-Type": "application/json"})
         self._rng = random.Random()
 
     def close(self) -> None:
@@ -111,40 +87,19 @@ class OmetriaClient:
         """POST one batch (a JSON array of at most 100 records), retried until Ometria answers."""
         if n_records > MAX_RECORDS:
             raise ValueError(f"a batch holds at most {MAX_RECORDS} records, not {n_records}")
-        attempts = throttles = 0
-        while True:
-            self.limiter.acquire()
+        def before_attempt() -> None:
+            self.limiter.acquire()  # every attempt, retries included, counts against the rate
             stats.add(requests=1)
-            outcome = self._try(body, n_records, list_id, stats)
-            if isinstance(outcome, PushResult):
-                return outcome
-            cause, wait_s, throttle = outcome
-            stats.note(cause)
-            if throttle:
-                throttles += 1
-                stats.add(throttled=1)
-                if throttles > self.max_throttle_waits:
-                    raise OmetriaUnavailable(
-                        f"still throttled after {throttles - 1} waits ({cause})",
-                        client_id=self.client_id,
-                        list_id=list_id,
-                    )
-                if wait_s is None:
-                    wait_s = backoff_delay(min(throttles, 5), self.backoff_base_s, self.backoff_cap_s, self._rng)
-                delay = wait_s
-                self.limiter.penalise(delay)
-            else:
-                attempts += 1
-                if attempts >= self.max_attempts:
-                    raise OmetriaUnavailable(
-                        f"gave up after {attempts} attempts; last cause: {cause}",
-                        client_id=self.client_id,
-                        list_id=list_id,
-                    )
-                delay = backoff_delay(attempts - 1, self.backoff_base_s, self.backoff_cap_s, self._rng)
-            stats.add(retries=1)
-            self.log.debug(f"Ometria {self.client_id}: {cause}; retrying in {delay:.2f}s")
-            time.sleep(delay)
+
+        return self.policy.call(
+            lambda: self._try(body, n_records, list_id, stats),
+            stats,
+            lambda message: OmetriaUnavailable(message, client_id=self.client_id, list_id=list_id),
+            before_attempt=before_attempt,
+            on_throttle=self.limiter.penalise,  # Ometria's window is fuller than ours thought: hold every thread
+            log=self.log,
+            rng=self._rng,
+        )
 
     def push_records(
         self, records: list[dict[str, Any]], stats: PushStats, *, list_id: str | None = None
@@ -175,24 +130,22 @@ class OmetriaClient:
             return f"{last.get('error_message', '')} at {last.get('error_path', '')}".strip()
         return None
 
-    def _try(
-        self, body: bytes, n: int, list_id: str | None, stats: PushStats
-    ) -> PushResult | tuple[str, float | None, bool]:
-        """The result, or why to retry: (cause, seconds to wait if the server said, is a throttle)."""
+    def _try(self, body: bytes, n: int, list_id: str | None, stats: PushStats) -> PushResult:
+        """One POST: the result, `Retry` for what may pass later, an OmetriaError for what will not."""
         try:
             resp = self.session.post(f"{self.base_url}/push", data=body, timeout=self.timeout)
             content = resp.content
         except _TRANSIENT as exc:
-            return f"{type(exc).__name__} (the batch may have been stored; resending is safe)", None, False
+            raise Retry(f"{type(exc).__name__} (the batch may have been stored; resending is safe)") from None
         status = resp.status_code
         if 200 <= status < 300:
             try:
                 doc = orjson.loads(content)
                 accepted, rejected = int(doc["accepted"]), int(doc["rejected"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                return f"{status} with an unreadable answer", None, False
+                raise Retry(f"{status} with an unreadable answer") from None
             if accepted + rejected != n:
-                return f"answer counts {accepted}+{rejected} for a batch of {n}", None, False
+                raise Retry(f"answer counts {accepted}+{rejected} for a batch of {n}")
             stats.add(batches=1, pushed=n, accepted=accepted, rejected=rejected)
             return PushResult(accepted, rejected, doc.get("request_id"))
         message = _message(content) or resp.reason
@@ -204,9 +157,9 @@ class OmetriaClient:
                 wait_s = max(wait_s or 0.0, 2.0)
             else:
                 cause = "429 rate limited"
-            return cause, wait_s, True
+            raise Retry(cause, wait_s, throttle=True)
         if status >= 500:
-            return f"{status} {message}"[:200], None, False
+            raise Retry(f"{status} {message}"[:200])
         if status in (401, 403):
             raise OmetriaAuthError(f"{status} {message}", client_id=self.client_id, list_id=list_id, status=status)
         if status == 402 or "quota" in message.lower():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
@@ -13,26 +12,15 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 from mc_pipeline.local import patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches
+from mc_pipeline_tests.helpers import assert_ometria_matches, dagster_materialize_command
 
-DAGSTER = str(Path(sys.executable).with_name("dagster"))
 FULL_REFRESH = json.dumps({"ops": {"mailchimp__member_pages": {"config": {"full_refresh": True}}}})
 
 
 def materialize(partition: str, *extra: str) -> None:
-    command = [
-        DAGSTER,
-        "asset",
-        "materialize",
-        "-m",
-        "mc_pipeline.definitions",
-        "--select",
-        "mailchimp/member_pages*",
-        "--partition",
-        partition,
-        *extra,
-    ]
-    done = subprocess.run(command, capture_output=True, env=dict(os.environ), timeout=300)
+    done = subprocess.run(
+        dagster_materialize_command(partition, *extra), capture_output=True, env=dict(os.environ), timeout=300
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,24 +20,12 @@ from mc_pipeline.assets.mailchimp import latest_watermark
 from mc_pipeline.local import LocalEnvironment, patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import Latency, SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, sync
-
-DAGSTER = str(Path(sys.executable).with_name("dagster"))
+from mc_pipeline_tests.helpers import assert_ometria_matches, dagster_materialize_command, expected_contacts, sync
 
 
 def start_materialize(partition: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            DAGSTER,
-            "asset",
-            "materialize",
-            "-m",
-            "mc_pipeline.definitions",
-            "--select",
-            "mailchimp/member_pages*",
-            "--partition",
-            partition,
-        ],
+        dagster_materialize_command(partition),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import requests
@@ -19,6 +18,7 @@ from dagster import DagsterInstance
 from mc_pipeline.local import patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import AccountSpec, ListSpec, SandboxConfig
+from mc_pipeline_tests.helpers import dagster_materialize_command
 
 MAILCHIMP_KEY = "5ec7e75ec7e75ec7e75ec7e75ec7e75e-us6"  # "secret" in hex-ish, easy to find
 OMETRIA_KEY = "om-SECRET-MARKER-7f3a9c"
@@ -53,18 +53,7 @@ def test_keys_never_leave_the_environment(tmp_path: Path) -> None:
         partition = env.partition_keys()[0]
         with DagsterInstance.get() as instance:
             instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])
-        dagster = str(Path(sys.executable).with_name("dagster"))
-        command = [
-            dagster,
-            "asset",
-            "materialize",
-            "-m",
-            "mc_pipeline.definitions",
-            "--select",
-            "mailchimp/member_pages*",
-            "--partition",
-            partition,
-        ]
+        command = dagster_materialize_command(partition)
         ok = subprocess.run(command, capture_output=True, env=dict(os.environ), timeout=300)
         assert ok.returncode == 0, ok.stderr.decode()[-2000:]
         assert len(sb.ometria_contacts("acme")) > 1000  # the sync really ran with these keys
