@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import requests
+from dagster import ConfigurableResource
+from pydantic import Field
 from requests.adapters import HTTPAdapter
 
 from mc_pipeline.resources.limits import backoff_delay
@@ -103,3 +105,20 @@ def pooled_session(pool_size: int, headers: dict[str, str]) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+class HttpSettings(ConfigurableResource):
+    """The settings both API resources share: timeouts and the retry policy."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_attempts: int = Field(6, ge=1, description="per request, for 5xx, timeouts, drops and unreadable bodies")
+    max_throttle_waits: int = Field(60, ge=0, description="per request, for throttling answers")
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, self.max_throttle_waits, self.backoff_base_s, self.backoff_cap_s)
+
+    def timeouts(self) -> tuple[float, float]:
+        return (self.connect_timeout_s, self.read_timeout_s)

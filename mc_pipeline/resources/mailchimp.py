@@ -24,7 +24,6 @@ from typing import Any
 
 import orjson
 import requests
-from dagster import ConfigurableResource
 from pydantic import Field, SecretStr
 
 from mc_pipeline.registry import MAILCHIMP_KEY_RE, Client
@@ -34,7 +33,7 @@ from mc_pipeline.resources.errors import (
     MailchimpRequestError,
     MailchimpUnavailable,
 )
-from mc_pipeline.resources.http import CallStats, Retry, RetryPolicy, pooled_session
+from mc_pipeline.resources.http import CallStats, HttpSettings, Retry, RetryPolicy, pooled_session
 from mc_pipeline.resources.limits import account_gate, backoff_delay, fingerprint
 
 log = logging.getLogger(__name__)
@@ -133,12 +132,8 @@ class MailchimpClient:
         base_url: str | None,
         max_connections: int,
         page_size: int,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        max_attempts: int,
-        max_throttle_waits: int,
-        backoff_base_s: float,
-        backoff_cap_s: float,
+        timeout: tuple[float, float],
+        policy: RetryPolicy,
         overlap: int = 20,
         max_passes: int = 3,
         logger: Any = None,
@@ -150,9 +145,8 @@ class MailchimpClient:
         self.base_url = (base_url or datacenter_url(key)).rstrip("/")
         self.max_connections = max_connections
         self.page_size = page_size
-        self.timeout = (connect_timeout_s, read_timeout_s)
-        self.max_attempts = max_attempts
-        self.policy = RetryPolicy(max_attempts, max_throttle_waits, backoff_base_s, backoff_cap_s)
+        self.timeout = timeout
+        self.policy = policy
         self.log = logger or log
         self.gate = account_gate(f"mailchimp:{fingerprint(key)}", max_connections)
         self.session = pooled_session(max_connections, {"Accept-Encoding": "gzip, deflate"})
@@ -348,7 +342,7 @@ class MailchimpClient:
                 )
             attempts += 1  # valid JSON of the wrong shape: retried like a cut body, then reported
             stats.note("page without members/total_items")
-            if attempts >= self.max_attempts:
+            if attempts >= self.policy.max_attempts:
                 raise MailchimpUnavailable(
                     f"the page at offset {offset} has no 'members' list or 'total_items' after {attempts} attempts",
                     client_id=self.client_id,
@@ -397,16 +391,11 @@ def _retry_after(resp: requests.Response) -> float | None:
     return None
 
 
-class MailchimpResource(ConfigurableResource):
+class MailchimpResource(HttpSettings):
     """HTTP settings for every Mailchimp account; credentials come per client from the registry."""
 
     page_size: int = Field(1000, ge=1, le=1000)
-    connect_timeout_s: float = 5.0
     read_timeout_s: float = Field(60.0, description="a 1000-member page can take seconds on a big list")
-    max_attempts: int = Field(6, ge=1, description="per page, for 5xx, timeouts, drops and bad bodies")
-    max_throttle_waits: int = Field(60, ge=0, description="per request, for 429 and edge 403 throttling")
-    backoff_base_s: float = 0.5
-    backoff_cap_s: float = 30.0
     max_connections: int | None = Field(None, ge=1, le=10, description="overrides the registry's per account")
     page_overlap: int = Field(20, ge=0, le=500, description="members each page shares with the next (see fetch_window)")
     max_passes: int = Field(3, ge=1, description="pagings of a window that kept shrinking before the run fails")
@@ -419,12 +408,8 @@ class MailchimpResource(ConfigurableResource):
             base_url=client.mailchimp.base_url,
             max_connections=self.max_connections or client.mailchimp.max_connections,
             page_size=self.page_size,
-            connect_timeout_s=self.connect_timeout_s,
-            read_timeout_s=self.read_timeout_s,
-            max_attempts=self.max_attempts,
-            max_throttle_waits=self.max_throttle_waits,
-            backoff_base_s=self.backoff_base_s,
-            backoff_cap_s=self.backoff_cap_s,
+            timeout=self.timeouts(),
+            policy=self.retry_policy(),
             overlap=self.page_overlap,
             max_passes=self.max_passes,
             logger=logger,

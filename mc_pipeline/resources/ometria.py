@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 import requests
-from dagster import ConfigurableResource
 from pydantic import Field, SecretStr
 
 from mc_pipeline.registry import Client
@@ -26,7 +25,7 @@ from mc_pipeline.resources.errors import (
     OmetriaQuotaError,
     OmetriaUnavailable,
 )
-from mc_pipeline.resources.http import CallStats, Retry, RetryPolicy, pooled_session
+from mc_pipeline.resources.http import CallStats, HttpSettings, Retry, RetryPolicy, pooled_session
 from mc_pipeline.resources.limits import SlidingWindowLimiter, account_limiter, fingerprint
 
 log = logging.getLogger(__name__)
@@ -61,20 +60,16 @@ class OmetriaClient:
         api_key: SecretStr,
         base_url: str | None,
         requests_per_second: float,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        max_attempts: int,
-        max_throttle_waits: int,
-        backoff_base_s: float,
-        backoff_cap_s: float,
+        timeout: tuple[float, float],
+        policy: RetryPolicy,
         pool_size: int,
         logger: Any = None,
     ) -> None:
         self.client_id = client_id
         key = api_key.get_secret_value()
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self.timeout = (connect_timeout_s, read_timeout_s)
-        self.policy = RetryPolicy(max_attempts, max_throttle_waits, backoff_base_s, backoff_cap_s)
+        self.timeout = timeout
+        self.policy = policy
         self.log = logger or log
         self.limiter: SlidingWindowLimiter = account_limiter(f"ometria:{fingerprint(key)}", requests_per_second)
         self.session = pooled_session(pool_size, {"X-Ometria-Auth": key, "Content-Type": "application/json"})
@@ -87,6 +82,7 @@ class OmetriaClient:
         """POST one batch (a JSON array of at most 100 records), retried until Ometria answers."""
         if n_records > MAX_RECORDS:
             raise ValueError(f"a batch holds at most {MAX_RECORDS} records, not {n_records}")
+
         def before_attempt() -> None:
             self.limiter.acquire()  # every attempt, retries included, counts against the rate
             stats.add(requests=1)
@@ -177,15 +173,10 @@ def _message(content: bytes) -> str | None:
     return None
 
 
-class OmetriaResource(ConfigurableResource):
+class OmetriaResource(HttpSettings):
     """HTTP settings for every Ometria account; credentials come per client from the registry."""
 
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 30.0
-    max_attempts: int = Field(6, ge=1)
-    max_throttle_waits: int = Field(120, ge=0)
-    backoff_base_s: float = 0.5
-    backoff_cap_s: float = 30.0
+    max_throttle_waits: int = Field(120, ge=0, description="per request, for 429s (rate and backlog)")
     workers: int = Field(4, ge=1, le=16, description="batches in flight; the rate limiter bounds the rate")
     max_dead_letter_share: float = Field(
         0.01, ge=0, le=1, description="above this share of a run's members in dead letters, the run fails"
@@ -197,12 +188,8 @@ class OmetriaResource(ConfigurableResource):
             api_key=client.ometria.api_key.resolve(),
             base_url=client.ometria.base_url,
             requests_per_second=client.ometria.requests_per_second,
-            connect_timeout_s=self.connect_timeout_s,
-            read_timeout_s=self.read_timeout_s,
-            max_attempts=self.max_attempts,
-            max_throttle_waits=self.max_throttle_waits,
-            backoff_base_s=self.backoff_base_s,
-            backoff_cap_s=self.backoff_cap_s,
+            timeout=self.timeouts(),
+            policy=self.retry_policy(),
             pool_size=self.workers,
             logger=logger,
         )
