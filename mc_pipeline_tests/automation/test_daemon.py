@@ -78,3 +78,48 @@ def test_control_without_the_tag_limit_the_account_is_throttled(tmp_path: Path) 
     print(f"without the tag limit: {stats}")
     assert overlapping(spans)
     assert stats["throttled"] > 0  # runs in separate processes overran the account's 10 connections
+
+
+RETRIES = (
+    "run_monitoring:\n  enabled: true\n  poll_interval_seconds: 5\n  max_resume_run_attempts: 0\n"
+    "run_retries:\n  enabled: true\n  max_retries: 2\n  retry_on_asset_or_op_failure: false\n"
+)
+
+
+def test_a_killed_run_worker_is_retried_by_the_daemon_and_converges(tmp_path: Path) -> None:
+    """dagster.yaml's run retries: the run's process dies mid-push; the daemon re-runs it."""
+    import os
+    import signal
+
+    config = SandboxConfig.generated(clients=1, lists_per_client=1, members=6000)
+    config.ometria.latency = Latency(base_ms=40)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(local_instance_yaml() + RETRIES)
+    settings = {"DAGSTER_HOME": str(home), "MC_PIPELINE_SENSOR_INTERVAL_S": "2"}
+    with sandbox_environment(config, tmp_path / "work") as env, patched_environ(settings):
+        sb = env.sandbox
+        with DagsterInstance.get() as instance, dagster_daemon(tmp_path / "daemon.log") as daemon:
+            deadline = time.monotonic() + 180
+            while sb.ometria_writes("client-1") < 1000:  # the first run is pushing
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    pytest.fail(f"no push began:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}")
+                time.sleep(0.05)
+            (first,) = instance.get_runs()
+            events = [e.dagster_event for e in instance.all_logs(first.run_id) if e.dagster_event]
+            pids = {e.pid for e in events if e.pid and e.pid != os.getpid()}
+            for pid in pids:  # the run worker (and its step process, if any)
+                os.kill(pid, signal.SIGKILL)
+            while True:
+                runs = instance.get_runs()
+                done = [r for r in runs if r.status == DagsterRunStatus.SUCCESS]
+                if done:
+                    break
+                if time.monotonic() > deadline + 120 or daemon.poll() is not None:
+                    pytest.fail(f"no retry succeeded:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+            assert instance.get_run_by_id(first.run_id).status == DagsterRunStatus.FAILURE
+            assert done[0].tags.get("dagster/parent_run_id") == first.run_id  # a retry of the killed run
+            assert done[0].tags["mc_pipeline/mailchimp_account"] == "client-1"  # through the same queue limits
+        assert_ometria_matches(sb, env.partition_keys()[0])
+        assert len(sb.ometria_contacts("client-1")) < sb.ometria_writes("client-1")  # resent, held once
