@@ -44,7 +44,6 @@ sync_job = define_asset_job(
     SYNC_JOB,
     # The per-partition reconciliation runs with each sync; the freshness check has its own schedule.
     selection=AssetSelection.assets(*ASSETS).without_checks() | AssetSelection.checks(counts_reconcile),
-    partitions_def=mailchimp_lists,
     config=PartitionedConfig(
         partitions_def=mailchimp_lists,
         run_config_for_partition_key_fn=lambda _key: sync_run_config(full_refresh=False),
