@@ -368,8 +368,11 @@ for _i, _c in enumerate(b"ABCDEF"):
     _HEX[_c] = _i + 10
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it permutes the 64-bit integers
+
+
 def id_keys(member_ids: pa.Array) -> np.ndarray:
-    """64-bit keys of member ids: the two halves of the MD5 XORed, vectorised; a hash otherwise."""
+    """64-bit keys of member ids: the MD5's two halves folded, vectorised; a hash otherwise."""
     if isinstance(member_ids, pa.ChunkedArray):
         member_ids = member_ids.combine_chunks()
     n = len(member_ids)
@@ -381,7 +384,9 @@ def id_keys(member_ids: pa.Array) -> np.ndarray:
         if not (nibbles == 255).any():  # else not hex: hash instead
             digest = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
             halves = np.ascontiguousarray(digest).view(">u8")
-            return (halves[:, 0] ^ halves[:, 1]).astype(np.uint64)
+            # An asymmetric fold: with a plain XOR, every id whose halves are equal would map to 0.
+            with np.errstate(over="ignore"):
+                return (halves[:, 0].astype(np.uint64) * _GOLDEN) ^ halves[:, 1].astype(np.uint64)
     return np.array(
         [int.from_bytes(hashlib.blake2b(x.encode(), digest_size=8).digest(), "big") for x in member_ids.to_pylist()],
         dtype=np.uint64,

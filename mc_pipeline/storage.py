@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -107,34 +109,84 @@ class KnownContacts:
     """The contact ids this pipeline has pushed for one partition (with their last email).
 
     Mailchimp forgets a member deleted outright; only this record tells a full refresh which
-    contacts Ometria still holds for the list. Each import appends a small delta file; a full
-    refresh folds the deltas into one base file.
+    contacts Ometria still holds for the list. Each import appends a delta file; a full refresh
+    folds them into one base file. Everything streams by row group and keeps 8-byte keys, not
+    strings, in memory, so a list of millions costs tens of megabytes, not gigabytes.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def add(self, run_id: str, contacts: pa.Table) -> None:
+    def files(self) -> list[Path]:
+        """Newest first: the deltas by age, then the base."""
+        deltas = sorted(self.folder.glob("delta-*.parquet"), key=lambda p: p.stat().st_mtime, reverse=True)
+        base = self.folder / "base.parquet"
+        return deltas + ([base] if base.exists() else [])
+
+    def add(self, run_id: str, contacts: pa.Table | Path, exclude: set[str] | None = None) -> None:
+        """Record the contacts of a Parquet file (streamed) or a table, but the ids in `exclude`."""
         if not RUN_ID_RE.match(run_id):
             raise ValueError("unsafe run id")
-        if contacts.num_rows:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(contacts.select(["id", "email"]).cast(KNOWN_SCHEMA), self.folder / f"delta-{run_id}.parquet")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"delta-{run_id}.parquet"
+        tmp = self.folder / f".delta-{run_id}.tmp"
+        batches = (
+            pq.ParquetFile(contacts).iter_batches(batch_size=50_000, columns=["id", "email"])
+            if isinstance(contacts, Path)
+            else contacts.select(["id", "email"]).to_batches()
+        )
+        drop = pa.array(sorted(exclude or ()), pa.string())
+        rows = 0
+        with pq.ParquetWriter(tmp, KNOWN_SCHEMA) as out:
+            for batch in batches:
+                table = pa.Table.from_batches([batch]).cast(KNOWN_SCHEMA)
+                if len(drop):
+                    table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=drop)))
+                out.write_table(table)
+                rows += table.num_rows
+        if rows:
+            os.replace(tmp, target)
+        else:
+            tmp.unlink()
 
     def read(self) -> pa.Table:
-        """Every known contact, one row per id (the latest file wins)."""
-        files = sorted(self.folder.glob("*.parquet"), key=lambda p: (p.name != "base.parquet", p.stat().st_mtime))
+        """Every known contact, one row per id (the newest wins). For tests and small lists."""
+        files = self.files()
         if not files:
             return KNOWN_SCHEMA.empty_table()
         table = pa.concat_tables([pq.read_table(f).cast(KNOWN_SCHEMA) for f in files])
-        newest_first = table.take(pa.array(range(table.num_rows - 1, -1, -1)))
-        ids = newest_first.column("id")
-        return newest_first.take(pc.index_in(pc.unique(ids), value_set=ids))  # each id's newest row
+        ids = table.column("id")
+        return table.take(pc.index_in(pc.unique(ids), value_set=ids))  # each id's first, i.e. newest, row
 
-    def replace(self, contacts: pa.Table) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def reconcile(self, listed: np.ndarray, key: Callable[[pa.Array], np.ndarray]) -> pa.Table:
+        """Fold every file into a new base of the contacts still `listed` (64-bit keys, from `key`)
+        and return the others: contacts Mailchimp no longer has."""
+        files = self.files()
+        if not files:
+            return KNOWN_SCHEMA.empty_table()
+        # Pass 1: the keys, newest file first, and which row of each key is its newest.
+        keys = np.concatenate(
+            [key(b.column(0)) for f in files for b in pq.ParquetFile(f).iter_batches(batch_size=50_000, columns=["id"])]
+        )
+        newest = np.zeros(len(keys), dtype=bool)
+        newest[np.unique(keys, return_index=True)[1]] = True
+        still = np.isin(keys, listed)
+        # Pass 2: stream the rows again into the new base, keeping the gone ones aside.
+        gone: list[pa.Table] = []
         tmp = self.folder / ".base.parquet.tmp"
-        pq.write_table(contacts.select(["id", "email"]).cast(KNOWN_SCHEMA), tmp)
+        start = 0
+        with pq.ParquetWriter(tmp, KNOWN_SCHEMA) as out:
+            for f in files:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=50_000, columns=["id", "email"]):
+                    table = pa.Table.from_batches([batch]).cast(KNOWN_SCHEMA)
+                    end = start + table.num_rows
+                    first, kept = newest[start:end], still[start:end]
+                    out.write_table(table.filter(pa.array(first & kept)))
+                    if (first & ~kept).any():
+                        gone.append(table.filter(pa.array(first & ~kept)))
+                    start = end
         os.replace(tmp, self.folder / "base.parquet")
-        for delta in self.folder.glob("delta-*.parquet"):
-            delta.unlink()
+        for f in files:
+            if f.name != "base.parquet":
+                f.unlink()
+        return pa.concat_tables(gone) if gone else KNOWN_SCHEMA.empty_table()

@@ -93,3 +93,27 @@ def test_writer_without_duplicates_streams_row_groups(tmp_path: Path) -> None:
     assert summary.rows == 60_000 and summary.duplicates == 0
     assert meta.num_rows == 60_000 and meta.num_row_groups >= 2
     assert not (tmp_path / "m.parquet.partial").exists()
+
+
+def test_id_keys_do_not_collapse_ids_with_equal_halves() -> None:
+    import pyarrow as pa
+
+    ids = pa.array([c * 32 for c in "0123456789abcdef"])  # each id's two halves are equal
+    assert len(set(id_keys(ids).tolist())) == 16
+
+
+def test_known_contacts_fold_newest_first_and_return_the_gone(tmp_path: Path) -> None:
+    import time
+
+    import pyarrow as pa
+
+    from mc_pipeline.storage import KnownContacts
+
+    known = KnownContacts(tmp_path / "known")
+    known.add("run1", pa.table({"id": ["a" * 32, "b" * 32], "email": ["a@x.org", "b@x.org"]}))
+    time.sleep(0.01)
+    known.add("run2", pa.table({"id": ["b" * 32, "c" * 32], "email": ["b2@x.org", "c@x.org"]}))
+    gone = known.reconcile(id_keys(pa.array(["a" * 32, "c" * 32])), id_keys)
+    assert gone.to_pylist() == [{"id": "b" * 32, "email": "b2@x.org"}]  # the newest email
+    assert sorted(r["id"] for r in known.read().to_pylist()) == ["a" * 32, "c" * 32]
+    assert [f.name for f in known.files()] == ["base.parquet"]

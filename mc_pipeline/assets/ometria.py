@@ -11,8 +11,8 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import (
     AssetIn,
@@ -40,7 +40,7 @@ from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
-from mc_pipeline.staging import dead_letter
+from mc_pipeline.staging import dead_letter, id_keys
 from mc_pipeline.storage import PipelineStorage, RunFolder
 from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, to_contacts, tombstones
 
@@ -193,18 +193,21 @@ def _remember_and_reconcile(
     """
     run = contacts.run
     known = storage.known_contacts(run.partition)
-    refused = {d["record_id"] for d in rejected}
-    pushed = pq.read_table(contacts.path, columns=["id", "email"])
-    if refused:
-        pushed = pushed.filter(pc.invert(pc.is_in(pushed.column("id"), value_set=pa.array(sorted(refused)))))
-    known.add(run.run_id, pushed)
-    if not run.window.full_refresh:
+    had_history = bool(known.files())  # on a list's first sync there is nothing to reconcile
+    known.add(run.run_id, Path(contacts.path), exclude={d["record_id"] for d in rejected})
+    if not run.window.full_refresh or not had_history:
         return 0, []
-    staged = pq.read_table(RunFolder(Path(run.folder)).members, columns=["contact_id", "unique_email_id"])
-    listed = contact_ids(staged).drop_null()
-    everyone = known.read()
-    still_listed = pc.is_in(everyone.column("id"), value_set=listed)
-    gone = everyone.filter(pc.invert(still_listed))
+    staged = pq.ParquetFile(RunFolder(Path(run.folder)).members)
+    listed = np.unique(
+        np.concatenate(
+            [np.zeros(0, dtype=np.uint64)]
+            + [
+                id_keys(contact_ids(pa.Table.from_batches([b])).drop_null())
+                for b in staged.iter_batches(batch_size=50_000, columns=["contact_id", "unique_email_id"])
+            ]
+        )
+    )
+    gone = known.reconcile(listed, id_keys)
     dead: list[dict] = []
     if gone.num_rows:
         context.log.warning(
@@ -221,7 +224,6 @@ def _remember_and_reconcile(
             raise failure(exc) from None
         finally:
             om.close()
-    known.replace(everyone.filter(still_listed))
     return gone.num_rows, dead
 
 
