@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -136,15 +137,25 @@ def member_pages(
 
     run_start = run_started_at(context.instance, run_id)
     try:
-        with mailchimp.client(client, logger=context.log) as mc:
+        # Both sweeps at once: they share the account's connections (one gate per account), and
+        # the archived one, usually a page or two, fills connections the members' first page leaves idle.
+        with mailchimp.client(client, logger=context.log) as mc, ThreadPoolExecutor(2) as sweeps_pool:
+            archived_future = (
+                sweeps_pool.submit(
+                    mc.fetch_window,
+                    list_id,
+                    since=archived_since,
+                    before_fallback=run_start,
+                    status="archived",
+                    on_page=writer("archived"),
+                )
+                if mailchimp.sweep_archived
+                else None
+            )
             main = mc.fetch_window(
                 list_id, since=since, before_fallback=run_start, on_page=writer("members"), on_progress=on_progress
             )
-            archived = None
-            if mailchimp.sweep_archived:
-                archived = mc.fetch_window(
-                    list_id, since=archived_since, before=main.before, status="archived", on_page=writer("archived")
-                )
+            archived = archived_future.result() if archived_future is not None else None
     except ApiError as exc:
         raise failure(exc) from None
     window = Window(
@@ -152,7 +163,7 @@ def member_pages(
         before=main.before,
         full_refresh=since is None,
         archived_since=archived_since,
-        archived_swept=archived is not None,
+        archived_before=archived.before if archived is not None else None,
     )
     sweeps = [main, *([archived] if archived else [])]
     calls = sum(f.stats.calls for f in sweeps)

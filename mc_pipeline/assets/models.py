@@ -14,15 +14,19 @@ class _Model(BaseModel):
 class Window(_Model):
     """`since_last_changed` (exclusive; None for a full sync) and `before_last_changed` (inclusive).
 
-    Archived members are swept with their own lower bound (Mailchimp lists them only when asked
-    for by status) and the same upper bound.
+    Archived members are swept with their own bounds: Mailchimp lists them only when asked for
+    by status, in a sweep of its own that runs at the same time.
     """
 
     since: datetime | None
     before: datetime
     full_refresh: bool
     archived_since: datetime | None = None
-    archived_swept: bool = False
+    archived_before: datetime | None = None  # None: not swept this time
+
+    @property
+    def archived_swept(self) -> bool:
+        return self.archived_before is not None
 
     def describe(self) -> str:
         start = self.since.isoformat() if self.since else "the beginning"

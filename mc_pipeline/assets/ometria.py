@@ -229,8 +229,8 @@ def _remember_and_reconcile(
 
 def _archived_watermark(window: Window) -> dict:
     """The archived sweep's bound moves only when it ran; otherwise the previous one carries over."""
-    if window.archived_swept:
-        return {ARCHIVED_WATERMARK: MetadataValue.timestamp(window.before)}
+    if window.archived_before is not None:
+        return {ARCHIVED_WATERMARK: MetadataValue.timestamp(window.archived_before)}
     if window.archived_since is not None:
         return {ARCHIVED_WATERMARK: MetadataValue.timestamp(window.archived_since)}
     return {}
