@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers, Window
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
-from mc_pipeline.resources.mailchimp import FetchStats, Page
+from mc_pipeline.resources.mailchimp import FetchStats, Page, WindowFetch
 from mc_pipeline.staging import DEAD_LETTER_SCHEMA, STAGING_SCHEMA, StagingWriter
 from mc_pipeline.storage import PipelineStorage
 
@@ -137,25 +137,32 @@ def member_pages(
 
     run_start = run_started_at(context.instance, run_id)
     try:
-        # Both sweeps at once: they share the account's connections (one gate per account), and
-        # the archived one, usually a page or two, fills connections the members' first page leaves idle.
-        with mailchimp.client(client, logger=context.log) as mc, ThreadPoolExecutor(2) as sweeps_pool:
-            archived_future = (
-                sweeps_pool.submit(
-                    mc.fetch_window,
-                    list_id,
-                    since=archived_since,
-                    before_fallback=run_start,
-                    status="archived",
-                    on_page=writer("archived"),
-                )
-                if mailchimp.sweep_archived
-                else None
-            )
+        # The members' first page is the probe: a revoked key or a deleted list fails on that one
+        # request. Once it has answered, the archived sweep (usually a page or two) runs alongside
+        # the remaining pages; both share the account's connections (one gate per account).
+        with mailchimp.client(client, logger=context.log) as mc, ThreadPoolExecutor(1) as sweeps_pool:
+            archived_future: list[Future[WindowFetch]] = []
+            write_members = writer("members")
+
+            def on_member_page(page: Page, pass_no: int) -> None:
+                write_members(page, pass_no)
+                # The first page is delivered on this thread before any other is fetched: no race.
+                if mailchimp.sweep_archived and not archived_future:
+                    archived_future.append(
+                        sweeps_pool.submit(
+                            mc.fetch_window,
+                            list_id,
+                            since=archived_since,
+                            before_fallback=run_start,
+                            status="archived",
+                            on_page=writer("archived"),
+                        )
+                    )
+
             main = mc.fetch_window(
-                list_id, since=since, before_fallback=run_start, on_page=writer("members"), on_progress=on_progress
+                list_id, since=since, before_fallback=run_start, on_page=on_member_page, on_progress=on_progress
             )
-            archived = archived_future.result() if archived_future is not None else None
+            archived = archived_future[0].result() if archived_future else None
     except ApiError as exc:
         raise failure(exc) from None
     window = Window(
