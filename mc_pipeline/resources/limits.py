@@ -40,19 +40,33 @@ def account_limiter(name: str, rate: float, window_s: float = 1.0) -> SlidingWin
 
 
 class SlidingWindowLimiter:
-    """At most `rate` starts in any window of `window_s` (+ a margin for network jitter).
+    """At most `rate` starts in any window of `window_s`, plus a margin for network jitter.
 
     A token bucket would allow 2x the rate across a window boundary and earn 429s from a server
     that counts a sliding window; this keeps the log of the last `rate` starts instead.
+
+    The margin adapts: a request that left on time can still reach the server late (a loaded
+    machine, a slow network) and land in the same server window as the one `rate` starts later.
+    Each 429 doubles the margin (up to `max_margin_s`); each start on time shrinks it back
+    towards `margin_s`, so a quiet machine keeps the full rate and a busy one stops earning 429s.
     """
 
-    def __init__(self, rate: float, window_s: float = 1.0, margin_s: float = 0.03) -> None:
+    def __init__(
+        self, rate: float, window_s: float = 1.0, margin_s: float = 0.03, max_margin_s: float | None = None
+    ) -> None:
         self.rate = rate
         self.capacity = max(1, int(rate))
-        self.window = window_s * self.capacity / rate + margin_s
+        self.base_window = window_s * self.capacity / rate
+        self.min_margin = margin_s
+        self.max_margin = max_margin_s if max_margin_s is not None else 0.25 * self.base_window
+        self.margin = margin_s
         self._starts: deque[float] = deque()
         self._cond = threading.Condition()
         self.waited_s = 0.0
+
+    @property
+    def window(self) -> float:
+        return self.base_window + self.margin
 
     def acquire(self) -> None:
         with self._cond:
@@ -62,6 +76,8 @@ class SlidingWindowLimiter:
                     self._starts.popleft()
                 if len(self._starts) < self.capacity:
                     self._starts.append(now)
+                    # Decay: about halfway back to the floor after 70 starts (~9 s at 8/s).
+                    self.margin = max(self.min_margin, self.margin * 0.99)
                     return
                 wait = self.window - (now - self._starts[0])
                 self.waited_s += wait
@@ -70,6 +86,7 @@ class SlidingWindowLimiter:
     def penalise(self, seconds: float) -> None:
         """After a 429, hold every caller back: the server's window is fuller than ours thought."""
         with self._cond:
+            self.margin = min(self.max_margin, max(2 * self.margin, self.min_margin + 0.02))
             until = time.monotonic() + seconds
             self._starts.extend([until - self.window] * self.capacity)
             while len(self._starts) > self.capacity:

@@ -55,6 +55,22 @@ def test_limiter_never_admits_more_than_rate_in_a_window() -> None:
         assert starts[i + 8] - starts[i] >= 0.2 - 1e-3
 
 
+def test_limiter_margin_widens_after_a_429_and_decays_back() -> None:
+    limiter = SlidingWindowLimiter(100, 0.4, margin_s=0.01)  # a fast window for a quick test
+    assert limiter.window == pytest.approx(0.41)
+    limiter.penalise(0.0)
+    limiter.penalise(0.0)
+    widened = limiter.margin
+    assert widened == pytest.approx(0.06)  # 0.01 -> 0.03 -> 0.06
+    assert limiter.window == pytest.approx(0.46)
+    for _ in range(5):
+        limiter.penalise(0.0)
+    assert limiter.margin == pytest.approx(0.1)  # capped at a quarter of the window
+    for _ in range(300):
+        limiter.acquire()
+    assert limiter.margin == pytest.approx(0.01)  # back to the floor on a quiet line
+
+
 def test_lost_answers_and_server_errors_are_retried_without_duplicates(small_env: LocalEnvironment) -> None:
     sb = small_env.sandbox
     sb.script_faults("client-1", ["store_then_drop", "500", "drop", "429"])
