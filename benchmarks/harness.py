@@ -247,6 +247,7 @@ class WorkerResult:
     maxrss_mib: float  # the kernel's peak resident set (ru_maxrss)
     sampled_peak_rss_mib: float  # psutil polling, a cross-check
     output: dict[str, Any]
+    rss_timeline: list[tuple[float, float]] = field(default_factory=list)  # (epoch, MiB), every ~0.25 s
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -267,10 +268,15 @@ class Worker:
     timeout_s: float
     ready: Path | None = None
     _peak: float = 0.0
+    _timeline: list[tuple[float, float]] = field(default_factory=list)
 
     def sample(self) -> None:
         with contextlib.suppress(psutil.Error):
-            self._peak = max(self._peak, psutil.Process(self.proc.pid).memory_info().rss / 2**20)
+            rss = psutil.Process(self.proc.pid).memory_info().rss / 2**20
+            self._peak = max(self._peak, rss)
+            now = time.time()
+            if not self._timeline or now - self._timeline[-1][0] >= 0.25 or rss > self._timeline[-1][1] + 16:
+                self._timeline.append((round(now, 2), round(rss, 1)))
 
     def is_ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -301,6 +307,7 @@ class Worker:
             usage.ru_maxrss / 1024.0,  # KiB on Linux
             self._peak,
             json.loads(self.out.read_text()),
+            self._timeline,
         )
 
 

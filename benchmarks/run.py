@@ -11,6 +11,7 @@ and measures the pipeline in separate worker processes; see benchmarks/README.md
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated scenario numbers, e.g. 1,5")
     parser.add_argument("--out", type=Path, help="where results go (default benchmarks/results)")
     parser.add_argument("--workdir", type=Path, default=RESULTS / "tmp", help="scratch space and the page cache")
+    parser.add_argument(
+        "--merge", action="store_true", help="replace only the scenarios run now in the existing results.json"
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
     out = args.out or (RESULTS / "tmp" / "quick" if args.quick else RESULTS)
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
         "figures": [],
     }
+    if args.merge and (out / "results.json").exists():
+        previous = json.loads((out / "results.json").read_text())
+        results["scenarios"] = previous["scenarios"]
+        results["merged_into"] = previous["meta"]
     failed = False
     try:
         for key in chosen:
@@ -110,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"title": func.__name__, "error": traceback.format_exc()}
                 log(f"scenario {key} failed:\n{result['error']}")
             result["elapsed_s"] = round(time.monotonic() - t0, 1)
+            result["when"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
             result["machine_busy_cores"] = load.busy_cores()
             results["scenarios"][key] = result
             for fig in result.get("figures", []):
-                results["figures"].append(fig)
                 verdict = {True: "met", False: "NOT met", None: "info"}[fig["met"]]
                 log(f"  {fig['id']} {fig['label']}: {fig['value']} ({verdict})")
+            results["scenarios"] = dict(sorted(results["scenarios"].items()))
+            results["figures"] = [f for sc in results["scenarios"].values() for f in sc.get("figures", [])]
             report.write(results, out)  # after each scenario, so a long run shows progress
     finally:
         kill_all()

@@ -56,7 +56,7 @@ class Plan:
     memory_ometria_rps: float = 100.0  # the registry's highest push rate (an Ometria plan above 8/s)
     cpu_pages: int = 100
     cpu_repeats: int = 5
-    lists_clients: int = 50
+    lists_clients: int = 10  # 100 lists per tick: 500 take ~20 minutes through one daemon; per run it is the same
     lists_per_client: int = 10
     lists_members: int = 50
     lists_inprocess: int = 20
@@ -400,6 +400,18 @@ def end_to_end(ctx: Context) -> dict[str, Any]:
     }
 
 
+def _rss_by_step(w: Any, run: dict[str, Any]) -> dict[str, float]:
+    """The highest RSS sampled while each step ran (and before the first: imports, set-up)."""
+    spans = run.get("step_spans", {})
+    out: dict[str, float] = {}
+    first = min((start for start, _ in spans.values()), default=float("inf"))
+    for t, rss in w.rss_timeline:
+        step = next((k for k, (start, end) in spans.items() if start <= t <= end), None)
+        key = step or ("before the steps" if t < first else "between or after the steps")
+        out[key] = max(out.get(key, 0.0), rss)
+    return out
+
+
 def memory(ctx: Context) -> dict[str, Any]:
     p = ctx.plan
     work = ctx.dir("4_memory")
@@ -427,7 +439,7 @@ def memory(ctx: Context) -> dict[str, Any]:
             run = w.output["runs"][0]
             if not run["success"]:
                 raise RuntimeError(f"the {n}-member sync failed: {run}")
-            results[n] = {**w.as_dict(), **_sync_summary(run)}
+            results[n] = {**w.as_dict(), **_sync_summary(run), "peak_rss_mib_by_step": _rss_by_step(w, run)}
             shutil.rmtree(work / f"data-{client}", ignore_errors=True)
     ratio = results[large]["peak_rss_mib"] / results[small]["peak_rss_mib"]
     return {

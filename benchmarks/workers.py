@@ -280,7 +280,8 @@ def _run_figures(instance: Any, result: Any) -> dict[str, Any]:
             steps.setdefault(entry.step_key, {})["start"] = entry.timestamp
         elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
             steps.setdefault(entry.step_key, {})["end"] = entry.timestamp
-    seconds = {k: round(v["end"] - v["start"], 3) for k, v in steps.items() if "start" in v and "end" in v}
+    done = {k: v for k, v in steps.items() if "start" in v and "end" in v}
+    seconds = {k: round(v["end"] - v["start"], 3) for k, v in done.items()}
     metadata: dict[str, dict[str, Any]] = {}
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
@@ -293,7 +294,11 @@ def _run_figures(instance: Any, result: Any) -> dict[str, Any]:
             metadata["to_ometria_records"] = {
                 k: v.value for k, v in md.items() if isinstance(v.value, int | float | str | bool)
             }
-    return {"step_seconds": seconds, "metadata": metadata}
+    return {
+        "step_seconds": seconds,
+        "step_spans": {k: [v["start"], v["end"]] for k, v in done.items()},
+        "metadata": metadata,
+    }
 
 
 @task
