@@ -37,28 +37,11 @@ import orjson
 import psutil
 import requests
 
+from mc_pipeline.resources.mailchimp import MEMBERS_FIELDS_PARAM
+
 CPU_GOAL_MS = 20.0
-# The fields the pipeline asks for (mc_pipeline.resources.mailchimp.MEMBER_FIELDS at the time of
-# writing), so the projected case measures what a sync costs the server.
-PIPELINE_FIELDS = (
-    "id",
-    "email_address",
-    "unique_email_id",
-    "contact_id",
-    "full_name",
-    "status",
-    "merge_fields",
-    "timestamp_signup",
-    "timestamp_opt",
-    "last_changed",
-    "language",
-    "vip",
-    "member_rating",
-    "location.country_code",
-    "source",
-    "tags",
-)
-PROJECTION = ",".join([f"members.{f}" for f in PIPELINE_FIELDS] + ["total_items"])
+# The fields the pipeline asks for, so the projected case measures what a sync costs the server.
+PROJECTION = MEMBERS_FIELDS_PARAM
 
 
 @dataclass
