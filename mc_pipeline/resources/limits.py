@@ -47,12 +47,18 @@ class SlidingWindowLimiter:
 
     The margin adapts: a request that left on time can still reach the server late (a loaded
     machine, a slow network) and land in the same server window as the one `rate` starts later.
-    Each 429 doubles the margin (up to `max_margin_s`); each start on time shrinks it back
-    towards `margin_s`, so a quiet machine keeps the full rate and a busy one stops earning 429s.
+    Each 429 doubles the margin (up to `max_margin_s`); each start shrinks it by `decay` back
+    towards `margin_s` (at 8/s, halfway in about 45 s), so a quiet machine keeps the full rate and
+    a busy one, whose delays come and go, stops earning 429s (each costs a whole Retry-After).
     """
 
     def __init__(
-        self, rate: float, window_s: float = 1.0, margin_s: float = 0.03, max_margin_s: float | None = None
+        self,
+        rate: float,
+        window_s: float = 1.0,
+        margin_s: float = 0.03,
+        max_margin_s: float | None = None,
+        decay: float = 0.998,
     ) -> None:
         self.rate = rate
         self.capacity = max(1, int(rate))
@@ -60,6 +66,7 @@ class SlidingWindowLimiter:
         self.min_margin = margin_s
         self.max_margin = max_margin_s if max_margin_s is not None else 0.25 * self.base_window
         self.margin = margin_s
+        self.decay = decay
         self._starts: deque[float] = deque()
         self._cond = threading.Condition()
         self.waited_s = 0.0
@@ -76,8 +83,7 @@ class SlidingWindowLimiter:
                     self._starts.popleft()
                 if len(self._starts) < self.capacity:
                     self._starts.append(now)
-                    # Decay: about halfway back to the floor after 70 starts (~9 s at 8/s).
-                    self.margin = max(self.min_margin, self.margin * 0.99)
+                    self.margin = max(self.min_margin, self.margin * self.decay)
                     return
                 wait = self.window - (now - self._starts[0])
                 self.waited_s += wait

@@ -56,7 +56,7 @@ def test_limiter_never_admits_more_than_rate_in_a_window() -> None:
 
 
 def test_limiter_margin_widens_after_a_429_and_decays_back() -> None:
-    limiter = SlidingWindowLimiter(100, 0.4, margin_s=0.01)  # a fast window for a quick test
+    limiter = SlidingWindowLimiter(100, 0.4, margin_s=0.01, decay=0.99)  # fast, for a quick test
     assert limiter.window == pytest.approx(0.41)
     limiter.penalise(0.0)
     limiter.penalise(0.0)
