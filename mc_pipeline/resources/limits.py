@@ -50,6 +50,10 @@ class SlidingWindowLimiter:
     Each 429 doubles the margin (up to `max_margin_s`); each start shrinks it by `decay` back
     towards `margin_s` (at 8/s, halfway in about 45 s), so a quiet machine keeps the full rate and
     a busy one, whose delays come and go, stops earning 429s (each costs a whole Retry-After).
+
+    Starts are also paced, one every `window / rate`: the same rate as bursts of `rate` at once,
+    but many accounts' bursts arriving together queue at the server, which then stamps them late
+    and unevenly (measured: 10 clients in bursts earned 30 429s in 20 s; paced, none).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class SlidingWindowLimiter:
         margin_s: float = 0.03,
         max_margin_s: float | None = None,
         decay: float = 0.998,
+        pace: bool = True,
     ) -> None:
         self.rate = rate
         self.capacity = max(1, int(rate))
@@ -67,6 +72,7 @@ class SlidingWindowLimiter:
         self.max_margin = max_margin_s if max_margin_s is not None else 0.25 * self.base_window
         self.margin = margin_s
         self.decay = decay
+        self.pace = pace
         self._starts: deque[float] = deque()
         self._cond = threading.Condition()
         self.waited_s = 0.0
@@ -75,17 +81,23 @@ class SlidingWindowLimiter:
     def window(self) -> float:
         return self.base_window + self.margin
 
+    @property
+    def spacing(self) -> float:
+        return self.window / self.capacity if self.pace else 0.0
+
     def acquire(self) -> None:
         with self._cond:
             while True:
                 now = time.monotonic()
                 while self._starts and now - self._starts[0] >= self.window:
                     self._starts.popleft()
-                if len(self._starts) < self.capacity:
+                wait = self.window - (now - self._starts[0]) if len(self._starts) >= self.capacity else 0.0
+                if self._starts:
+                    wait = max(wait, self._starts[-1] + self.spacing - now)
+                if wait <= 0:
                     self._starts.append(now)
                     self.margin = max(self.min_margin, self.margin * self.decay)
                     return
-                wait = self.window - (now - self._starts[0])
                 self.waited_s += wait
                 self._cond.wait(wait)
 

@@ -175,8 +175,11 @@ async def _write(
     return resp
 
 
-def _sleep_time(latency: Latency, nbytes: int, state: SandboxState) -> float:
-    return latency.seconds(nbytes, state.faults._rng.random() if latency.jitter_ms else 0.0)
+def _sleep_time(latency: Latency, nbytes: int, state: SandboxState, spent: float = 0.0) -> float:
+    """What is left of the modelled latency once the sandbox's own `spent` seconds of work are
+    counted: the model is the whole answer time, as a client sees it, not the model plus our CPU."""
+    modelled = latency.seconds(nbytes, state.faults._rng.random() if latency.jitter_ms else 0.0)
+    return max(0.0, modelled - spent)
 
 
 # ---------------------------------------------------------------------------- Mailchimp
@@ -234,9 +237,10 @@ def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | Non
                                 reply = await handler(request, account)
                             except MailchimpError as exc:
                                 reply = problem(exc.status, exc.title, exc.detail)
+                        spent = time.monotonic() - started
                         if kind == "slow":
                             await asyncio.sleep(rates.slow_delay_s)
-                        await asyncio.sleep(_sleep_time(settings.latency, len(reply.body), state))
+                        await asyncio.sleep(_sleep_time(settings.latency, len(reply.body), state, spent))
                 return await _write(request, reply, fault, record)
             except DroppedConnection:
                 return web.Response()  # never sent: the transport is gone
@@ -501,10 +505,11 @@ async def om_push(request: web.Request) -> web.StreamResponse:
             reply = ometria_error(403, "Forbidden: this API key has been revoked.")
         else:
             reply, fault = await _om_admitted(state, account, raw)
+        spent = time.monotonic() - started
         if fault in ("slow", "store_then_slow"):
             rates = state.faults.rates(account.client_id) if account else None
             await asyncio.sleep((rates or state.config.ometria.faults).slow_delay_s)
-        await asyncio.sleep(_sleep_time(settings.latency, len(raw), state))
+        await asyncio.sleep(_sleep_time(settings.latency, len(raw), state, spent))
         return await _write(request, reply, fault, record)
     except DroppedConnection:
         return web.Response()  # never sent: the transport is gone

@@ -55,6 +55,20 @@ def test_limiter_never_admits_more_than_rate_in_a_window() -> None:
         assert starts[i + 8] - starts[i] >= 0.2 - 1e-3
 
 
+def test_limiter_paces_starts_evenly() -> None:
+    import itertools
+    import time
+
+    limiter = SlidingWindowLimiter(8, 0.2, margin_s=0.0)
+    starts = []
+    for _ in range(17):
+        limiter.acquire()
+        starts.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.025 - 1e-3  # one start every 0.2 / 8 s, never a burst of 8
+    assert starts[-1] - starts[0] == pytest.approx(0.4, abs=0.05)  # and still the full rate
+
+
 def test_limiter_margin_widens_after_a_429_and_decays_back() -> None:
     limiter = SlidingWindowLimiter(100, 0.4, margin_s=0.01, decay=0.99)  # fast, for a quick test
     assert limiter.window == pytest.approx(0.41)
