@@ -94,6 +94,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         thr = [row["members_per_s"] / 1000 for row in many["extraction"]]
         ax.plot(ks, thr, "o-", label="extraction, all clients (k members/s)")
         ax.plot(ks, [k * thr[0] for k in ks], "--", color="gray", label="linear")
+        imp = many.get("import") or []
+        if imp:
+            ki = [row["clients"] for row in imp]
+            ax.plot(
+                ki, [row["records_per_s"] / 100 for row in imp], "^-", color="tab:green", label="import (100 records/s)"
+            )
+            ax.plot(ki, [k * imp[0]["records_per_s"] / 100 for k in ki], ":", color="tab:green")
         busy = ax.twinx()
         busy.plot(ks, [row["machine_busy_cores"] for row in many["extraction"]], "s:", color="tab:red")
         busy.set_ylabel("busy cores (red)")
@@ -122,6 +129,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             values.append(cpu["before"]["members_per_s_per_core"] / 1000)
         names.append("after")
         values.append(cpu["after"]["members_per_s_per_core"] / 1000)
+        if "floor" in cpu:
+            names.append("JSON read alone")
+            values.append(cpu["floor"]["arrow_json_members_per_s"] / 1000)
         ax.bar(names, values, color="tab:purple")
         ax.axhline(150, color="tab:red", lw=1, label="goal 150k")
         ax.set_ylabel("k members / s / core")
@@ -139,3 +149,11 @@ def write(results: dict[str, Any], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "results.png")
+
+
+if __name__ == "__main__":  # redraw the table and plot from a results.json: python -m benchmarks.report DIR
+    import json
+    import sys
+
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    write(json.loads((folder / "results.json").read_text()), folder)
