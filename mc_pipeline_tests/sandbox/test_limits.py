@@ -115,3 +115,14 @@ def test_latency_formula() -> None:
     lat = Latency(base_ms=10, per_kb_ms=2, jitter_ms=4)
     assert lat.seconds(2048, 0.5) == pytest.approx((10 + 2 * 2 + 4 * 0.5) / 1000)
     assert Latency().seconds(10**6, 0.9) == 0
+
+
+def test_the_sandboxs_own_work_is_inside_the_modelled_latency() -> None:
+    from mc_pipeline.sandbox.server import _sleep_time
+
+    lat = Latency(base_ms=250, per_kb_ms=0.15)
+    modelled = lat.seconds(600 * 1024, 0.0)
+    state = None  # only read for jitter
+    assert _sleep_time(lat, 600 * 1024, state, spent=0.0) == pytest.approx(modelled)  # type: ignore[arg-type]
+    assert _sleep_time(lat, 600 * 1024, state, spent=0.02) == pytest.approx(modelled - 0.02)  # type: ignore[arg-type]
+    assert _sleep_time(lat, 600 * 1024, state, spent=5.0) == 0.0  # type: ignore[arg-type]
