@@ -440,12 +440,9 @@ def task_transform_cpu(args: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_floor(pages: list[bytes]) -> dict[str, float]:
     """CPU per member of only reading the pages' JSON (best of 3): what no transform can go below."""
-    import io
-
     import orjson
-    import pyarrow.json as pajson
 
-    from mc_pipeline.staging import _JSON_PARSE
+    from mc_pipeline.staging import read_page_json
 
     members = sum(len(orjson.loads(raw)["members"]) for raw in pages)
 
@@ -458,11 +455,7 @@ def _parse_floor(pages: list[bytes]) -> dict[str, float]:
             times.append(time.process_time() - c0)
         return min(times) / max(members, 1) * 1e6
 
-    def arrow(raw: bytes) -> Any:
-        options = pajson.ReadOptions(use_threads=False, block_size=len(raw) + 64)
-        return pajson.read_json(io.BytesIO(raw), read_options=options, parse_options=_JSON_PARSE)
-
-    return {"arrow_json_us_per_member": best(arrow), "orjson_loads_us_per_member": best(orjson.loads)}
+    return {"arrow_json_us_per_member": best(read_page_json), "orjson_loads_us_per_member": best(orjson.loads)}
 
 
 @task

@@ -226,6 +226,12 @@ _ADDRESS = rf'"ADDRESS":(?P<a>\{{(?:[^{{}}"]|{_STR})*\}})'
 _COUNTRY = rf'[{{,]"country":(?P<c>{_STR}|[^,}}]*)'
 
 
+def read_page_json(raw: bytes) -> pa.Table:
+    """The page read by Arrow's JSON reader with the members' documented types, in one block."""
+    options = pajson.ReadOptions(use_threads=False, block_size=len(raw) + 64)
+    return pajson.read_json(io.BytesIO(raw), read_options=options, parse_options=_JSON_PARSE)
+
+
 def _parse_page_arrow(raw: bytes, page_offset: int) -> pa.Table | None:
     """The page as staged rows without a Python object per member, or None when the page needs
     the Python path: it does not parse with the documented types, a member has no id, a
@@ -238,11 +244,7 @@ def _parse_page_arrow(raw: bytes, page_offset: int) -> pa.Table | None:
     the last value.)
     """
     try:
-        page = pajson.read_json(
-            io.BytesIO(raw),
-            read_options=pajson.ReadOptions(use_threads=False, block_size=len(raw) + 64),
-            parse_options=_JSON_PARSE,
-        )
+        page = read_page_json(raw)
     except (pa.ArrowException, ValueError, TypeError):
         return None
     if page.num_rows != 1 or page.column("members").null_count:

@@ -63,7 +63,6 @@ class SlidingWindowLimiter:
         margin_s: float = 0.03,
         max_margin_s: float | None = None,
         decay: float = 0.998,
-        pace: bool = True,
     ) -> None:
         self.rate = rate
         self.capacity = max(1, int(rate))
@@ -72,7 +71,6 @@ class SlidingWindowLimiter:
         self.max_margin = max_margin_s if max_margin_s is not None else 0.25 * self.base_window
         self.margin = margin_s
         self.decay = decay
-        self.pace = pace
         self._starts: deque[float] = deque()
         self._cond = threading.Condition()
         self.waited_s = 0.0
@@ -83,7 +81,7 @@ class SlidingWindowLimiter:
 
     @property
     def spacing(self) -> float:
-        return self.window / self.capacity if self.pace else 0.0
+        return self.window / self.capacity
 
     def acquire(self) -> None:
         with self._cond:
