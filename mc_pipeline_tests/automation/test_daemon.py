@@ -30,7 +30,9 @@ NO_TAG_LIMITS = (
 
 def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tuple[float, float]]]:
     config = SandboxConfig.generated(clients=1, lists_per_client=3, members=11_500)
-    config.mailchimp.latency = Latency(base_ms=800)  # a fetch lasts seconds: long enough for runs to overlap
+    # A fetch lasts ~6 s (a first page, then two waves of 10): several launch intervals, so the
+    # fetches of runs launched one after another overlap whenever nothing holds them apart.
+    config.mailchimp.latency = Latency(base_ms=2000)
     config.ometria.rate_per_second = 50
     home = tmp_path / "dagster_home"
     home.mkdir()
