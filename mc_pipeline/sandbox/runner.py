@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ class Sandbox:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Sandbox:
+        # In-process, the sandbox shares its host's garbage collector (pytest, Dagster, the demo):
+        # a full collection over every long-lived object stalls its event loop, stamps arrivals
+        # late and fakes a rate-limit 429. Frozen, those objects are no longer walked.
+        gc.collect()
+        gc.freeze()
         ready = threading.Event()
         failure: list[BaseException] = []
 
