@@ -87,3 +87,20 @@ def pg_instance(pg_database: str, tmp_path: Path) -> Iterator[DagsterInstance]:
         yield instance
     finally:
         instance.dispose()
+
+
+SLOW_MODULES = ("test_crash", "test_end_to_end_pg", "test_dagster_cli")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers from what a test uses, so none is forgotten: `-m "not slow and not daemon"` is the fast set."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        fixtures = getattr(item, "fixturenames", ())
+        if module == "test_daemon":
+            item.add_marker(pytest.mark.daemon)
+            item.add_marker(pytest.mark.slow)
+        if "pg_database" in fixtures or "pg_instance" in fixtures:
+            item.add_marker(pytest.mark.postgres)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
