@@ -31,7 +31,9 @@ def set_force_optin(env: LocalEnvironment, value: bool) -> None:
 
 
 def subscribed(env: LocalEnvironment, list_id: str) -> list[dict]:
-    return [m for m in env.sandbox.mailchimp_list(list_id).members(include_archived=False) if m["status"] == "subscribed"]
+    return [
+        m for m in env.sandbox.mailchimp_list(list_id).members(include_archived=False) if m["status"] == "subscribed"
+    ]
 
 
 def test_an_ometria_unsubscribe_survives_a_full_refresh_unless_the_client_forces_opt_ins(
