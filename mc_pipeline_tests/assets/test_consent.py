@@ -12,6 +12,7 @@ from dagster import DagsterInstance
 
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.registry import write_registry
+from mc_pipeline.sandbox import Sandbox
 from mc_pipeline_tests.conftest import make_env
 from mc_pipeline_tests.helpers import sync
 
@@ -30,6 +31,12 @@ def set_force_optin(env: LocalEnvironment, value: bool) -> None:
     write_registry(env.registry, clients)
 
 
+def target(env: LocalEnvironment) -> tuple[Sandbox, str, str, str]:
+    """The sandbox, its one list, that list's partition and its Ometria collection."""
+    list_id = env.sandbox.client("client-1").list_ids[0]
+    return env.sandbox, list_id, f"client-1:{list_id}", f"mailchimp-{list_id}"
+
+
 def subscribed(env: LocalEnvironment, list_id: str) -> list[dict]:
     return [
         m for m in env.sandbox.mailchimp_list(list_id).members(include_archived=False) if m["status"] == "subscribed"
@@ -39,9 +46,7 @@ def subscribed(env: LocalEnvironment, list_id: str) -> list[dict]:
 def test_an_ometria_unsubscribe_survives_a_full_refresh_unless_the_client_forces_opt_ins(
     env: LocalEnvironment, instance: DagsterInstance
 ) -> None:
-    sb = env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
-    partition, collection = f"client-1:{list_id}", f"mailchimp-{list_id}"
+    sb, list_id, partition, collection = target(env)
     assert sync(instance, partition).success
     person, leaver, stays = subscribed(env, list_id)[:3]
     assert sb.ometria_subscription("client-1", collection, stays["contact_id"])["events"] == ["subscribed"]
@@ -64,9 +69,7 @@ def test_a_mailchimp_opt_out_beats_an_opt_in_forced_by_an_earlier_run(
     env: LocalEnvironment, instance: DagsterInstance
 ) -> None:
     """Earlier versions (and `force_optin: true`) forced every opt-in; an unforced opt-out would not beat it."""
-    sb = env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
-    partition, collection = f"client-1:{list_id}", f"mailchimp-{list_id}"
+    sb, list_id, partition, collection = target(env)
     set_force_optin(env, True)
     assert sync(instance, partition).success
     leaver, deleted = subscribed(env, list_id)[:2]
