@@ -25,7 +25,6 @@ from typing import Any
 OPTED_IN, OPTED_OUT, NOT_SPECIFIED = "EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED"
 KEY = "~consent"
 API, OMETRIA = "api", "ometria"
-EVENTS = ("subscribed", "unsubscribed")
 
 
 def status(state: dict[str, Any] | None) -> str | None:
