@@ -100,7 +100,7 @@ def replay(
     if "transform" in by_stage:
         staged_tables.append(_staged_rows(by_stage["transform"]))
     for staged in staged_tables:
-        good, dead = to_contacts(staged, collection)
+        good, dead = to_contacts(staged, collection, client.ometria.force_optin)
         records += record_dicts(good)
         still += dead.to_pylist()
     records += [orjson.loads(r["payload"]) for r in by_stage.get("import", [])]

@@ -97,6 +97,12 @@ class OmetriaAccount(BaseModel):
     account: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
     )
+    force_optin: bool = Field(
+        default=False,
+        description="push subscribed members with @force_optin: it overrides every opt-out the person made in "
+        "Ometria (unsubscribe link, preference centre) at each push; only for a list that is the one authority on "
+        "consent (see transform.py)",
+    )
 
     _url = field_validator("base_url")(lambda v: _http_url(v))
 

@@ -8,7 +8,8 @@
 | `firstname`, `lastname`  | FNAME, LNAME; when both are empty, the first word / rest of `full_name` |
 | `marketing_optin`        | subscribed -> EXPLICITLY_OPTEDIN; unsubscribed, cleaned, archived ->    |
 |                          | EXPLICITLY_OPTEDOUT; pending, transactional, unknown -> NOT_SPECIFIED   |
-| `@force_optin`           | true when subscribed: Mailchimp holds the consent, so it overrides      |
+| `@force_optin`           | true on every opt-out; on opt-ins only with the registry's              |
+|                          | `ometria.force_optin: true` (default false). See "Consent" below.       |
 | `timestamp_subscribed`   | `timestamp_opt` (when the member confirmed the opt-in)                  |
 | `timestamp_unsubscribed` | `last_changed`, for unsubscribed, cleaned and archived members          |
 | `timestamp_acquired`     | `timestamp_signup`, else `timestamp_opt`                                |
@@ -22,6 +23,25 @@ Members deleted outright in Mailchimp vanish from its API; the weekly full refre
 contacts this pipeline pushed that Mailchimp no longer lists and sends each an opt-out
 (`marketing_optin` EXPLICITLY_OPTEDOUT, `timestamp_unsubscribed`, `properties.mailchimp_deleted`,
 with `@merge` so Ometria keeps the rest of the record). See `tombstones`.
+
+Consent (Ometria's subscription hierarchy, support.ometria.com articles 9881943263389 "Force
+opt-in" and 360011293458 "How does Ometria subscribe and unsubscribe contacts?"): a listing with
+`@force_optin` sets its `marketing_optin` whatever any other listing of the contact says (Ometria's
+own unsubscribe links and preference centre, other importers) and only another forced listing
+overrides it; Ometria advises against forcing a listing you do not fully trust. Mailchimp is a
+third party to Ometria, so opt-ins are not forced by default: a person who unsubscribed through
+Ometria stays unsubscribed when the next push (every member at each full refresh) says
+"subscribed". `ometria: {force_optin: true}` restores forced opt-ins for a client whose
+Mailchimp list is the one authority on consent, at that risk: every push of a subscribed member
+then re-subscribes them, overriding any opt-out they made in Ometria.
+Opt-outs are always forced. Without force Ometria already lets an opt-out win over other
+non-forced opt-ins, but not over a forced opt-in, and a forced listing "only needs to be sent
+once": every subscribed member pushed before this setting existed (and with `force_optin: true`)
+holds a forced opt-in that an unforced opt-out from Mailchimp would never beat. Forcing can only
+withdraw consent here, the direction that cannot email anyone who said no. The price, by the
+same rule: a member unsubscribed in Mailchimp who opts in again through Ometria's own forms is
+opted out again when their Mailchimp record is next pushed, and a Mailchimp re-subscription
+reaches Ometria only with `force_optin: true`. Tombstones are forced for the same reason.
 
 Why these choices: archived members can no longer be emailed from Mailchimp, so they leave
 Ometria as opted out rather than silently stale; pending and transactional members never gave
@@ -94,6 +114,12 @@ def map_optin(status: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.take(values, idx)
 
 
+def forced_optin(optin: pa.ChunkedArray | pa.Array, force_optin: bool) -> pa.Array:
+    """`@force_optin` per record: every opt-out; opt-ins only when the client's registry says so."""
+    forced = ("EXPLICITLY_OPTEDOUT", "EXPLICITLY_OPTEDIN") if force_optin else ("EXPLICITLY_OPTEDOUT",)
+    return pc.is_in(optin, value_set=pa.array(forced))
+
+
 # Merge tags are letters, digits and '_'; orjson writes compact JSON, so these patterns see
 # structure, never the inside of a string (where every '"' is escaped).
 _STRING = r'"(?:[^"\\]|\\.)*"'
@@ -133,8 +159,10 @@ def contact_ids(staged: pa.Table) -> pa.Array:
     return pc.coalesce(_nonempty(staged.column("contact_id")), _nonempty(staged.column("unique_email_id")))
 
 
-def to_contacts(staged: pa.Table, collection: str) -> tuple[pa.Table, pa.Table]:
-    """Staged members -> (Ometria contact records, dead letters), column by column."""
+def to_contacts(staged: pa.Table, collection: str, force_optin: bool = False) -> tuple[pa.Table, pa.Table]:
+    """Staged members -> (Ometria contact records, dead letters), column by column.
+
+    `force_optin`: the client's registry setting; forced opt-ins override opt-outs made in Ometria."""
     n = staged.num_rows
     c = staged.column
     record_id = contact_ids(staged)
@@ -157,7 +185,7 @@ def to_contacts(staged: pa.Table, collection: str) -> tuple[pa.Table, pa.Table]:
             "firstname": pc.coalesce(fname, _where(no_name_fields, first_from_name, pa.string())),
             "lastname": pc.coalesce(lname, _where(no_name_fields, rest_from_name, pa.string())),
             "marketing_optin": optin,
-            "@force_optin": pc.equal(optin, "EXPLICITLY_OPTEDIN"),
+            "@force_optin": forced_optin(optin, force_optin),
             "timestamp_subscribed": c("timestamp_opt"),
             "timestamp_unsubscribed": _where(opted_out, c("last_changed"), UTC_TS),
             "timestamp_acquired": pc.coalesce(c("timestamp_signup"), c("timestamp_opt")),
@@ -243,6 +271,7 @@ def tombstones(known: pa.RecordBatch | pa.Table, collection: str, when: datetime
             "id": row["id"],
             **({"email": row["email"]} if row["email"] else {}),
             "marketing_optin": "EXPLICITLY_OPTEDOUT",
+            "@force_optin": True,  # an opt-out, forced like every other (see "Consent" above)
             "timestamp_unsubscribed": stamp,
             "properties": {"mailchimp_deleted": True},
         }

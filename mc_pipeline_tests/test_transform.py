@@ -63,7 +63,7 @@ def test_every_status_maps_to_an_optin(status: str, optin: str, unsubscribed: bo
     good, _ = convert(member(status=status))
     rec = good.to_pylist()[0]
     assert rec["marketing_optin"] == optin
-    assert rec["@force_optin"] is (optin == "EXPLICITLY_OPTEDIN")
+    assert rec["@force_optin"] is unsubscribed  # opt-outs are forced; opt-ins only by the registry's setting
     assert (rec["timestamp_unsubscribed"] is not None) is unsubscribed
     if unsubscribed:
         assert rec["timestamp_unsubscribed"] == datetime(2024, 2, 1, tzinfo=UTC)
@@ -200,7 +200,6 @@ def test_push_body_is_what_ometria_takes() -> None:
             "firstname": "Ada",
             "lastname": "Lovelace",
             "marketing_optin": "EXPLICITLY_OPTEDIN",
-            "@force_optin": True,
             "timestamp_subscribed": "2024-01-03T03:04:05+00:00",
             "timestamp_acquired": "2024-01-02T03:04:05+00:00",
             "phone_number": "+44 20 7946 0000",
@@ -208,3 +207,29 @@ def test_push_body_is_what_ometria_takes() -> None:
             "properties": {"BIRTHDAY": "12/10"},
         }
     ]
+
+
+# ------------------------------------------------------------------------------------------ consent
+def test_a_subscribed_member_is_not_forced_by_default() -> None:
+    """A forced opt-in would override an opt-out the person made in Ometria (issue 9, item 16)."""
+    sent = orjson.loads(push_body(convert(member())[0]))[0]
+    assert sent["marketing_optin"] == "EXPLICITLY_OPTEDIN"
+    assert "timestamp_subscribed" in sent  # with marketing_optin: Ometria's subscribe event
+    assert "@force_optin" not in sent
+
+
+@pytest.mark.parametrize(
+    ("status", "forced"),
+    [("subscribed", True), ("unsubscribed", True), ("cleaned", True), ("archived", True), ("pending", False)],
+)
+def test_the_registry_setting_forces_opt_ins(status: str, forced: bool) -> None:
+    staged, _ = parse_page(orjson.dumps({"members": [member(status=status)], "total_items": 1}))
+    sent = orjson.loads(push_body(to_contacts(staged, "mailchimp-0123456789", force_optin=True)[0]))[0]
+    assert sent.get("@force_optin", False) is forced  # never on NOT_SPECIFIED: force needs an opt-in value
+
+
+def test_tombstones_are_forced_opt_outs() -> None:
+    from mc_pipeline.transform import tombstones
+
+    (t,) = tombstones(pa.table({"id": ["x"], "email": ["x@example.org"]}), "mailchimp-0123456789", datetime.now(UTC))
+    assert t["marketing_optin"] == "EXPLICITLY_OPTEDOUT" and t["@force_optin"] is True and t["@merge"] is True

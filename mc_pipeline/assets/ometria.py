@@ -60,7 +60,7 @@ def to_ometria_records(
     dead_tables = []
     with pq.ParquetWriter(folder.contacts, CONTACT_SCHEMA, compression="zstd") as out:
         for i in range(source.num_row_groups):
-            good, dead = to_contacts(source.read_row_group(i), collection)
+            good, dead = to_contacts(source.read_row_group(i), collection, client.ometria.force_optin)
             out.write_table(good)
             records += good.num_rows
             dead_rows += dead.num_rows

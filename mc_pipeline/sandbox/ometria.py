@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import orjson
 
+from mc_pipeline.sandbox import consent
 from mc_pipeline.sandbox.config import OmetriaSettings
 
 OPTIN_VALUES = frozenset({"EXPLICITLY_OPTEDIN", "NOT_SPECIFIED", "EXPLICITLY_OPTEDOUT"})
@@ -35,6 +36,7 @@ class OmetriaAccount:
     contacts: dict[str, dict[str, bytes]] = field(default_factory=dict)
     errors: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=100))
     writes: int = 0  # records written, counting rewrites of the same id
+    events: Counter[str] = field(default_factory=Counter)  # subscription events fired (sandbox/consent.py)
     revoked: bool = False
     _arrivals: deque[float] = field(default_factory=deque)
     _backlog: float = 0.0
@@ -83,34 +85,105 @@ class OmetriaAccount:
                     message, path = problem
                     self.errors.append({"error_message": message, "error_path": f"[{i}]{path}"})
                     continue
-                collection = record.get("@collection", "default")
-                store = self.contacts.setdefault(collection, {})
-                clean = {k: v for k, v in record.items() if k != "@merge"}
-                stored = store.get(record["id"])
-                if record.get("@merge") and stored is not None:
-                    previous = orjson.loads(stored)
-                    merged = {**previous, **clean}
-                    if isinstance(previous.get("properties"), dict) and isinstance(clean.get("properties"), dict):
-                        merged["properties"] = {**previous["properties"], **clean["properties"]}
-                    clean = merged
-                store[record["id"]] = orjson.dumps(clean)
+                self._upsert(record)
                 self.writes += 1
                 accepted += 1
         return accepted, rejected
+
+    def _upsert(self, record: dict[str, Any]) -> None:
+        """Store one valid record (replaced, or merged with `@merge`); its opt-in goes through the
+        subscription hierarchy (sandbox/consent.py), so the stored `marketing_optin` is the contact's."""
+        store = self.contacts.setdefault(record.get("@collection", "default"), {})
+        clean = {k: v for k, v in record.items() if k not in ("@merge", "@force_optin")}
+        stored = store.get(record["id"])
+        previous = orjson.loads(stored) if stored is not None else None
+        state = previous.pop(consent.KEY, None) if previous is not None else None
+        merge = bool(record.get("@merge"))
+        if merge and previous is not None:
+            merged = {**previous, **clean}
+            if isinstance(previous.get("properties"), dict) and isinstance(clean.get("properties"), dict):
+                merged["properties"] = {**previous["properties"], **clean["properties"]}
+            clean = merged
+        optin = record.get("marketing_optin", consent.listing(state, consent.API) if merge else None)
+        state, events = consent.apply_listing(
+            state,
+            consent.API,
+            optin,
+            forced=record.get("@force_optin") is True,
+            timestamp_subscribed="timestamp_subscribed" in record,
+        )
+        self._store(store, record["id"], clean, state, events)
+
+    def _store(
+        self, store: dict[str, bytes], rid: str, record: dict[str, Any], state: dict[str, Any], events: list[str]
+    ) -> None:
+        effective = consent.status(state)
+        if effective is None:
+            record.pop("marketing_optin", None)
+        else:
+            record["marketing_optin"] = effective
+        store[rid] = orjson.dumps({**record, consent.KEY: state})
+        self.events.update(events)
+
+    def unsubscribe(self, collection: str, rid: str, when: str, forced: bool = False) -> dict[str, Any]:
+        """An opt-out made in Ometria itself (its unsubscribe link; `forced`: its preference centre,
+        whose listings carry @force_optin). Returns the contact as stored."""
+        with self._lock:
+            store = self.contacts.get(collection, {})
+            if rid not in store:
+                raise KeyError(f"no contact {rid!r} in collection {collection!r}")
+            record = orjson.loads(store[rid])
+            state, events = consent.apply_listing(
+                record.pop(consent.KEY, None),
+                consent.OMETRIA,
+                consent.OPTED_OUT,
+                forced=forced,
+                timestamp_subscribed=False,
+            )
+            if consent.status(state) == consent.OPTED_OUT:
+                record["timestamp_unsubscribed"] = when
+            self._store(store, rid, record, state, events)
+            return {**record, "subscription": _subscription(state)}
+
+    def subscription(self, collection: str, rid: str) -> dict[str, Any]:
+        """How the contact's `marketing_optin` came to be: its listings, the forced status, the events fired."""
+        with self._lock:
+            raw = self.contacts.get(collection, {}).get(rid)
+        if raw is None:
+            raise KeyError(f"no contact {rid!r} in collection {collection!r}")
+        return _subscription(orjson.loads(raw).get(consent.KEY))
 
     def snapshot(self, collection: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         with self._lock:
             names = [collection] if collection is not None else list(self.contacts)
             copies = {c: dict(self.contacts.get(c, {})) for c in names}
-        return {c: {rid: orjson.loads(raw) for rid, raw in recs.items()} for c, recs in copies.items()}
+        return {c: {rid: _public(raw) for rid, raw in recs.items()} for c, recs in copies.items()}
 
     def reset(self) -> None:
         with self._lock:
             self.contacts.clear()
+            self.events.clear()
             self.errors.clear()
             self.writes = 0
             self._arrivals.clear()
             self._backlog = 0.0
+
+
+def _public(raw: bytes) -> dict[str, Any]:
+    """A stored record as Ometria shows it: without the sandbox's subscription bookkeeping."""
+    record = orjson.loads(raw)
+    record.pop(consent.KEY, None)
+    return record
+
+
+def _subscription(state: dict[str, Any] | None) -> dict[str, Any]:
+    state = state or {}
+    return {
+        "marketing_optin": consent.status(state),
+        "forced": state.get("forced"),
+        "listings": state.get("listings", {}),
+        "events": state.get("fired", []),
+    }
 
 
 def check_batch(body: Any, settings: OmetriaSettings, raw_records: list[bytes] | None = None) -> list[Any]:

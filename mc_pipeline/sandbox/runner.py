@@ -175,6 +175,14 @@ class Sandbox:
             return snap[collection]
         return {f"{c}/{rid}": rec for c, recs in snap.items() for rid, rec in recs.items()}
 
+    def ometria_unsubscribe(self, client_id: str, collection: str, contact_id: str, forced: bool = False) -> None:
+        """The contact opts out in Ometria itself: its unsubscribe link (`forced`: its preference centre)."""
+        self.state.om_by_client[client_id].unsubscribe(collection, contact_id, self.clock.now_dt().isoformat(), forced)
+
+    def ometria_subscription(self, client_id: str, collection: str, contact_id: str) -> dict[str, Any]:
+        """How a contact's `marketing_optin` came to be: listings, forced status, events fired."""
+        return self.state.om_by_client[client_id].subscription(collection, contact_id)
+
     def ometria_writes(self, client_id: str) -> int:
         return self.state.om_by_client[client_id].writes
 

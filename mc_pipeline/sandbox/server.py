@@ -743,6 +743,16 @@ async def admin_contacts(request: web.Request) -> web.Response:
     return _admin_json({"contacts": om.snapshot(request.query.get("collection")), "writes": om.writes})
 
 
+@_admin
+async def admin_ometria_unsubscribe(request: web.Request) -> web.Response:
+    """An opt-out made in Ometria (its unsubscribe link; `{"force": true}`: its preference centre)."""
+    state: SandboxState = request.app[STATE]
+    m = request.match_info
+    forced = bool((await _body(request)).get("force", False))
+    om = state.om_by_client[m["client_id"]]
+    return _admin_json(om.unsubscribe(m["collection"], m["contact_id"], state.clock.now_dt().isoformat(), forced))
+
+
 def build_app(state: SandboxState) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[STATE] = state
@@ -767,4 +777,8 @@ def build_app(state: SandboxState) -> web.Application:
     r.add_post("/_sandbox/mailchimp/lists/{list_id}/members/{key}/actions/{action}", admin_member_action)
     r.add_post("/_sandbox/{service:mailchimp|ometria}/accounts/{client_id}/revoke", admin_revoke)
     r.add_get("/_sandbox/ometria/accounts/{client_id}/contacts", admin_contacts)
+    r.add_post(
+        "/_sandbox/ometria/accounts/{client_id}/contacts/{collection}/{contact_id}/unsubscribe",
+        admin_ometria_unsubscribe,
+    )
     return app

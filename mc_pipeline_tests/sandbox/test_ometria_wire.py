@@ -401,3 +401,80 @@ def test_per_key_inspection_and_reset(make_sandbox: Callable[..., Sandbox]) -> N
     assert sb.stats("ometria:client-1")["requests"] == 0
     assert sb.stats("ometria:client-1")["peak_in_flight"] == 0
     assert len(sb.ometria_contacts("client-1")) == 15  # a stats reset keeps the data
+
+
+# ------------------------------------------------------------------------------------------ subscription hierarchy
+class TestSubscriptionHierarchy:
+    """Ometria's documented hierarchy (sandbox/consent.py): forced listings win and stay in force;
+    without force an opt-out wins; the subscribe event needs marketing_optin and timestamp_subscribed."""
+
+    C = "mailchimp-test"
+    OUT, IN = "EXPLICITLY_OPTEDOUT", "EXPLICITLY_OPTEDIN"
+
+    def optin(self, osb: Sandbox, rid: str) -> str | None:
+        return osb.ometria_contacts("client-1", self.C)[rid].get("marketing_optin")
+
+    def unsubscribe_in_ometria(self, osb: Sandbox, rid: str, **body: Any) -> requests.Response:
+        return admin(osb, "POST", f"/ometria/accounts/client-1/contacts/{self.C}/{rid}/unsubscribe", json=body)
+
+    def test_an_ometria_unsubscribe_beats_unforced_opt_ins_not_forced_ones(self, osb: Sandbox) -> None:
+        ok(om_push(osb, [contact("u")]), 1)
+        r = self.unsubscribe_in_ometria(osb, "u")
+        assert r.status_code == 200, r.text
+        assert r.json()["marketing_optin"] == self.OUT and r.json()["timestamp_unsubscribed"]
+        ok(om_push(osb, [contact("u", firstname="Again")]), 1)  # the next full refresh, unforced
+        stored = osb.ometria_contacts("client-1", self.C)["u"]
+        assert stored["marketing_optin"] == self.OUT and stored["firstname"] == "Again"
+        ok(om_push(osb, [contact("u", **{"@force_optin": True})]), 1)  # the documented risk of forcing
+        assert self.optin(osb, "u") == self.IN
+        assert osb.ometria_subscription("client-1", self.C, "u")["forced"] == self.IN
+
+    def test_a_forced_listing_stays_in_force_until_another_forced_one(self, osb: Sandbox) -> None:
+        ok(om_push(osb, [contact("f", **{"@force_optin": True})]), 1)
+        ok(om_push(osb, [contact("f", marketing_optin=self.OUT)]), 1)  # unforced: does not beat it
+        assert self.optin(osb, "f") == self.IN
+        ok(om_push(osb, [contact("f", marketing_optin=self.OUT, **{"@force_optin": True})]), 1)
+        assert self.optin(osb, "f") == self.OUT
+        ok(om_push(osb, [contact("f")]), 1)  # nor does an unforced opt-in beat a forced opt-out
+        assert self.optin(osb, "f") == self.OUT
+
+    def test_a_preference_centre_unsubscribe_is_forced(self, osb: Sandbox) -> None:
+        ok(om_push(osb, [contact("p", **{"@force_optin": True})]), 1)
+        assert self.unsubscribe_in_ometria(osb, "p", force=True).status_code == 200
+        assert self.optin(osb, "p") == self.OUT
+        osb.ometria_unsubscribe("client-1", self.C, "p")  # the Python door says the same
+        sub = osb.ometria_subscription("client-1", self.C, "p")
+        assert sub["listings"] == {"api": self.IN, "ometria": self.OUT} and sub["forced"] == self.OUT
+
+    def test_without_force_an_opt_out_wins_and_leaving_out_the_optin_changes_nothing(self, osb: Sandbox) -> None:
+        ok(om_push(osb, [contact("o", marketing_optin=self.OUT)]), 1)
+        assert self.optin(osb, "o") == self.OUT
+        ok(om_push(osb, [contact("o")]), 1)  # the same (api) listing now says in: nothing else says out
+        assert self.optin(osb, "o") == self.IN
+        patch = {"@type": "contact", "@collection": self.C, "id": "o", "email": "o@example.org", "@merge": True}
+        ok(om_push(osb, [{**patch, "firstname": "Merged"}]), 1)
+        assert self.optin(osb, "o") == self.IN
+        no_optin = contact("o")
+        del no_optin["marketing_optin"]
+        ok(om_push(osb, [no_optin]), 1)  # a listing without consent data does not decide it
+        assert self.optin(osb, "o") is None
+
+    def test_the_subscribe_event_needs_the_optin_and_its_timestamp_together(self, osb: Sandbox) -> None:
+        bare = contact("n")
+        del bare["timestamp_subscribed"]
+        ok(om_push(osb, [bare, contact("t"), contact("t")]), 3)
+        assert osb.ometria_subscription("client-1", self.C, "n")["events"] == []
+        assert osb.ometria_subscription("client-1", self.C, "t")["events"] == ["subscribed"]
+        self.unsubscribe_in_ometria(osb, "t")
+        self.unsubscribe_in_ometria(osb, "t")
+        assert osb.ometria_subscription("client-1", self.C, "t")["events"] == ["subscribed", "unsubscribed"]
+        assert osb.state.om_by_client["client-1"].events == {"subscribed": 1, "unsubscribed": 1}  # first time only
+
+    def test_the_bookkeeping_is_not_a_field_and_unknown_contacts_are_refused(self, osb: Sandbox) -> None:
+        ok(om_push(osb, [contact("k", **{"@force_optin": True})]), 1)
+        stored = osb.ometria_contacts("client-1", self.C)["k"]
+        assert not any(k.startswith(("~", "@force")) for k in stored)
+        listed = admin(osb, "GET", "/ometria/accounts/client-1/contacts").json()["contacts"][self.C]["k"]
+        assert listed == stored
+        r = self.unsubscribe_in_ometria(osb, "nobody")
+        assert r.status_code == 400 and "nobody" in r.text
