@@ -17,13 +17,18 @@ from typing import Annotated, Literal, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-CLIENT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
-LIST_ID_RE = re.compile(r"^[0-9a-f]{10}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MAILCHIMP_KEY_RE = re.compile(r"^[0-9a-f]{32}-([a-z]+[0-9]+)$")
+# Every pattern matches a whole value. Python's `$` also matches before a final newline (so
+# 'acme:1a2d7ebf82\n' passed), hence `\A...\Z` in the compiled patterns; pydantic's `pattern=`
+# runs Rust's regex, which has no `\Z` and whose `$` is the end of the text: it gets `^...$`.
+_CLIENT_ID, _LIST_ID, _ENV_NAME = r"[a-z0-9][a-z0-9-]{0,62}", r"[0-9a-f]{10}", r"[A-Za-z_][A-Za-z0-9_]*"
+CLIENT_ID_RE = re.compile(rf"\A{_CLIENT_ID}\Z")
+LIST_ID_RE = re.compile(rf"\A{_LIST_ID}\Z")
+ENV_NAME_RE = re.compile(rf"\A{_ENV_NAME}\Z")
+ENV_NAME_PATTERN = f"^{_ENV_NAME}$"  # for pydantic (Rust regex)
+MAILCHIMP_KEY_RE = re.compile(r"\A[0-9a-f]{32}-([a-z]+[0-9]+)\Z")
 
-ClientId = Annotated[str, Field(pattern=CLIENT_ID_RE.pattern, description="lower-case slug")]
-ListId = Annotated[str, Field(pattern=LIST_ID_RE.pattern, description="Mailchimp list id: 10 hex digits")]
+ClientId = Annotated[str, Field(pattern=f"^{_CLIENT_ID}$", description="lower-case slug")]
+ListId = Annotated[str, Field(pattern=f"^{_LIST_ID}$", description="Mailchimp list id: 10 hex digits")]
 
 
 class RegistryError(ValueError):
@@ -39,7 +44,7 @@ class SecretRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    env: str | None = Field(None, pattern=ENV_NAME_RE.pattern)
+    env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
     file: str | None = None
 
     @model_validator(mode="after")
@@ -147,7 +152,7 @@ def partition_key(client_id: str, list_id: str) -> str:
 def parse_partition_key(key: str) -> tuple[str, str]:
     """`acme:1a2d7ebf82` -> ("acme", "1a2d7ebf82"); refuses anything that is not exactly that shape."""
     client_id, sep, list_id = key.partition(":")
-    if not sep or not CLIENT_ID_RE.match(client_id) or not LIST_ID_RE.match(list_id):
+    if not sep or not CLIENT_ID_RE.fullmatch(client_id) or not LIST_ID_RE.fullmatch(list_id):
         raise ValueError(
             f"partition key {key[:120]!r} is not '<client_id>:<list_id>' "
             "(client id: lower-case letters, digits and '-'; list id: 10 hex digits)"

@@ -99,7 +99,7 @@ def desired_partitions(
             budget -= 1
             try:
                 with mailchimp.client(client) as mc:
-                    ids = [x["id"] for x in mc.lists() if isinstance(x.get("id"), str) and LIST_ID_RE.match(x["id"])]
+                    ids = [x["id"] for x in mc.lists() if LIST_ID_RE.fullmatch(str(x.get("id")))]
                 cursor.all_lists[client.id] = {"lists": sorted(ids), "at": now}
                 refreshed.append(client.id)
             except (ApiError, SecretError) as exc:
