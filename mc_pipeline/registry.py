@@ -132,16 +132,40 @@ class Client(BaseModel):
 class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    removed: list[str] = Field(
+        default=[],
+        description="client ids or `client:list` keys taken out on purpose: the sensor deletes their partitions "
+        "at once, however many (a registry that shrinks otherwise is held as a possibly cut file)",
+    )
     clients: list[Client]
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> RegistryFile:
+    def _consistent(self) -> RegistryFile:
         seen: set[str] = set()
         for c in self.clients:
             if c.id in seen:
                 raise ValueError(f"client id {c.id!r} appears more than once")
             seen.add(c.id)
+        for entry in self.removed:
+            if not CLIENT_ID_RE.fullmatch(entry):
+                parse_partition_key(entry)  # the message says what a key looks like
+            if entry in seen or self.holds(entry):
+                raise ValueError(f"{entry!r} is under `removed` but still in `clients`")
+        if not self.clients and not self.removed:
+            raise ValueError(
+                "no clients: refused, since a file being rewritten or cut short reads like this. "
+                "To remove every client on purpose, write `clients: []` and name them under `removed:`"
+            )
         return self
+
+    def holds(self, key: str) -> bool:
+        """Whether the `client:list` key is in a client's explicit `lists`."""
+        client_id, _, list_id = key.partition(":")
+        return any(c.id == client_id and isinstance(c.lists, list) and list_id in c.lists for c in self.clients)
+
+    def removes(self, key: str) -> bool:
+        """Whether a partition's deletion was asked for under `removed` (by its client or its key)."""
+        return key in self.removed or key.partition(":")[0] in self.removed
 
 
 # --------------------------------------------------------------------------- partition keys
@@ -168,6 +192,10 @@ class ClientRegistry(Protocol):
 
     def client(self, client_id: str) -> Client: ...
 
+    def removes(self, key: str) -> bool:
+        """Whether the partition `key` was taken out of the registry on purpose (see `RegistryFile.removed`)."""
+        ...
+
 
 class YamlClientRegistry:
     """The registry as a YAML file, validated whole on first use: one bad entry refuses the file."""
@@ -188,6 +216,9 @@ class YamlClientRegistry:
                 return c
         raise KeyError(f"client {client_id!r} is not in the registry {self.path}")
 
+    def removes(self, key: str) -> bool:
+        return self._data.removes(key)
+
     def __iter__(self) -> Iterator[Client]:
         return iter(self._data.clients)
 
@@ -204,8 +235,11 @@ def load_registry_file(path: Path) -> RegistryFile:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {"clients": []}
+    if data is None:  # nothing but blanks or comments: how a file being rewritten in place reads
+        raise RegistryError(
+            f"{path}: the client registry is empty: refused (no partition is changed for a file being rewritten); "
+            "write files whole (a temporary file, then a rename)"
+        )
     try:
         return RegistryFile.model_validate(data)
     except ValidationError as exc:
@@ -257,4 +291,6 @@ def _line_of(node: yaml.Node | None, loc: list[object]) -> int | None:
 def write_registry(path: Path, clients: list[dict[str, object]]) -> None:
     """Write a registry file (the sandbox CLI and the demo use this)."""
     RegistryFile.model_validate({"clients": clients})  # never write what we would refuse to read
-    path.write_text(yaml.safe_dump({"clients": clients}, sort_keys=False), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump({"clients": clients}, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)  # whole or not at all: a reader never sees a half-written registry

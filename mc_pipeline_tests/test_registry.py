@@ -188,3 +188,43 @@ def test_no_python_pattern_in_the_package_ends_with_a_dollar() -> None:
             if text.endswith("$") and not text.endswith("\\$") and (rel, text) not in _PATTERNS_OWNED_ELSEWHERE:
                 found.append(f"{rel}:{node.lineno}: re.{node.func.attr}({text!r})")
     assert not found, "patterns that accept a trailing newline:\n" + "\n".join(found)
+
+
+# --------------------------------------------------------------------------- empty and removed
+@pytest.mark.parametrize("text", ["", "\n  \n", "# the registry\n", "clients: []\n", "removed: []\nclients: []\n"])
+def test_a_registry_without_clients_is_refused(tmp_path: Path, text: str) -> None:
+    """Issue 9 item 9: an empty file (as while it is rewritten in place) read as 'no clients'."""
+    with pytest.raises(RegistryError, match=r"registry is empty|no clients: refused") as err:
+        YamlClientRegistry(write(tmp_path, text)).clients()
+    assert str(tmp_path / "clients.yaml") in str(err.value)
+
+
+def test_clients_removed_on_purpose_are_named(tmp_path: Path) -> None:
+    reg = YamlClientRegistry(write(tmp_path, "removed: [acme, 'globex-uk:1a2d7ebf82']\nclients: []\n"))
+    assert reg.clients() == []
+    assert reg.removes("acme:0123456789") and reg.removes("globex-uk:1a2d7ebf82")
+    assert not reg.removes("globex-uk:0123456789") and not reg.removes("initech:1a2d7ebf82")
+    for removed, expected in (
+        ("[acme]", "'acme' is under `removed` but still in `clients`"),
+        ('["acme:1a2d7ebf82"]', "'acme:1a2d7ebf82' is under `removed` but still in `clients`"),
+        ('["acme:../x"]', "is not '<client_id>:<list_id>'"),
+        ('["acme\\n"]', "is not '<client_id>:<list_id>'"),  # YAML's "\n": a newline
+    ):
+        with pytest.raises(RegistryError, match=expected):
+            YamlClientRegistry(write(tmp_path, f"removed: {removed}\n" + GOOD)).clients()
+    assert not YamlClientRegistry(write(tmp_path, "removed: ['acme:ffffffffff']\n" + GOOD)).removes("acme:1a2d7ebf82")
+
+
+def test_write_registry_replaces_the_file_whole(tmp_path: Path) -> None:
+    """Our own writer (sandbox CLI, demo) never leaves a half-written registry for the sensor."""
+    from mc_pipeline.registry import write_registry
+
+    path = write(tmp_path, GOOD)
+    inode = path.stat().st_ino
+    entry = {"id": "acme", "mailchimp": {"api_key": {"env": "A"}}, "ometria": {"api_key": {"env": "B"}}, "lists": "all"}
+    write_registry(path, [entry])
+    assert path.stat().st_ino != inode  # a rename, not a rewrite in place
+    assert [c.id for c in YamlClientRegistry(path).clients()] == ["acme"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clients.yaml"]
+    with pytest.raises(ValueError, match="no clients"):
+        write_registry(path, [])
