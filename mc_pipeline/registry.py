@@ -135,7 +135,7 @@ class RegistryFile(BaseModel):
     removed: list[str] = Field(
         default=[],
         description="client ids or `client:list` keys taken out on purpose: the sensor deletes their partitions "
-        "at once, however many (a registry that shrinks otherwise is held as a possibly cut file)",
+        "however many they are (a registry that shrinks by half or more otherwise is held as a possibly cut file)",
     )
     clients: list[Client]
 
