@@ -92,7 +92,20 @@ def cmd_partitions(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    registry = os.environ.get("MC_PIPELINE_CLIENTS")
     if args.action == "add":
+        if not registry:
+            print(
+                "warning: MC_PIPELINE_CLIENTS is not set, so the keys were checked for shape only; "
+                "the registry sensor removes partitions its registry does not list",
+                file=sys.stderr,
+            )
+        else:
+            problems = _not_in_registry(Path(registry), args.keys)
+            if problems:
+                why = [*dict.fromkeys(problems.values()), _KEY_HINT.format(registry=registry)]  # a refused file: once
+                print("error: " + "\n  ".join(why), file=sys.stderr)
+                return 2
         new = [k for k in args.keys if not instance.has_dynamic_partition(MAILCHIMP_LISTS, k)]
         instance.add_dynamic_partitions(MAILCHIMP_LISTS, new)
         print(
@@ -103,7 +116,55 @@ def cmd_partitions(args: argparse.Namespace) -> int:
         for key in args.keys:
             instance.delete_dynamic_partition(MAILCHIMP_LISTS, key)
         print(f"removed {len(args.keys)} partitions")
+        listed = sorted(set(args.keys) - set(_not_in_registry(Path(registry), args.keys))) if registry else []
+        if listed:
+            print(f"note: the registry still lists {listed}; the sensor adds them back unless they leave it")
     return 0
+
+
+_KEY_HINT = (
+    "a key is '<client id>:<list id>': a client of {registry} and one of its lists (a Mailchimp list id); "
+    "to sync a new list, add it to the registry: the sensor then adds its partition with a full sync"
+)
+
+
+def _not_in_registry(path: Path, keys: list[str]) -> dict[str, str]:
+    """Why each key is not a list of the registry (none when all are): the sensor would delete it.
+
+    `lists: all` clients are resolved as the sensor resolves them, by asking Mailchimp.
+    """
+    import time
+
+    from mc_pipeline.automation.sensors import SensorCursor, desired_partitions
+    from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
+    from mc_pipeline.resources import MailchimpResource
+
+    try:
+        clients = YamlClientRegistry(path).clients()
+    except RegistryError as exc:
+        return dict.fromkeys(keys, str(exc))
+    named = {parse_partition_key(k)[0] for k in keys}
+    desired = desired_partitions(
+        [c for c in clients if c.id in named], SensorCursor(), MailchimpResource(), time.time()
+    )
+    problems = {}
+    for key in keys:
+        client_id, list_id = parse_partition_key(key)
+        if key in desired.keys:
+            continue
+        mine = sorted(k for k in desired.keys if k.startswith(f"{client_id}:"))
+        if client_id not in {c.id for c in clients}:
+            why = f"client {client_id!r} is not in the registry (its clients: {_few(sorted(c.id for c in clients))})"
+        elif client_id in desired.unknown_clients:
+            why = f"client {client_id!r} has `lists: all` and its lists could not be read: {'; '.join(desired.errors)}"
+        else:
+            why = f"list {list_id} is not a list of client {client_id!r} in the registry (its keys: {_few(mine)})"
+        problems[key] = f"partition {key}: {why}"
+    return problems
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "") if items else "none"
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:

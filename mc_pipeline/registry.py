@@ -17,13 +17,18 @@ from typing import Annotated, Literal, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-CLIENT_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
-LIST_ID_RE = re.compile(r"^[0-9a-f]{10}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MAILCHIMP_KEY_RE = re.compile(r"^[0-9a-f]{32}-([a-z]+[0-9]+)$")
+# Every pattern matches a whole value. Python's `$` also matches before a final newline (so
+# 'acme:1a2d7ebf82\n' passed), hence `\A...\Z` in the compiled patterns; pydantic's `pattern=`
+# runs Rust's regex, which has no `\Z` and whose `$` is the end of the text: it gets `^...$`.
+_CLIENT_ID, _LIST_ID, _ENV_NAME = r"[a-z0-9][a-z0-9-]{0,62}", r"[0-9a-f]{10}", r"[A-Za-z_][A-Za-z0-9_]*"
+CLIENT_ID_RE = re.compile(rf"\A{_CLIENT_ID}\Z")
+LIST_ID_RE = re.compile(rf"\A{_LIST_ID}\Z")
+ENV_NAME_RE = re.compile(rf"\A{_ENV_NAME}\Z")
+ENV_NAME_PATTERN = f"^{_ENV_NAME}$"  # for pydantic (Rust regex)
+MAILCHIMP_KEY_RE = re.compile(r"\A[0-9a-f]{32}-([a-z]+[0-9]+)\Z")
 
-ClientId = Annotated[str, Field(pattern=CLIENT_ID_RE.pattern, description="lower-case slug")]
-ListId = Annotated[str, Field(pattern=LIST_ID_RE.pattern, description="Mailchimp list id: 10 hex digits")]
+ClientId = Annotated[str, Field(pattern=f"^{_CLIENT_ID}$", description="lower-case slug")]
+ListId = Annotated[str, Field(pattern=f"^{_LIST_ID}$", description="Mailchimp list id: 10 hex digits")]
 
 
 class RegistryError(ValueError):
@@ -39,7 +44,7 @@ class SecretRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    env: str | None = Field(None, pattern=ENV_NAME_RE.pattern)
+    env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
     file: str | None = None
 
     @model_validator(mode="after")
@@ -133,16 +138,40 @@ class Client(BaseModel):
 class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    removed: list[str] = Field(
+        default=[],
+        description="client ids or `client:list` keys taken out on purpose: the sensor deletes their partitions "
+        "however many they are (a registry that shrinks by half or more otherwise is held as a possibly cut file)",
+    )
     clients: list[Client]
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> RegistryFile:
+    def _consistent(self) -> RegistryFile:
         seen: set[str] = set()
         for c in self.clients:
             if c.id in seen:
                 raise ValueError(f"client id {c.id!r} appears more than once")
             seen.add(c.id)
+        for entry in self.removed:
+            if not CLIENT_ID_RE.fullmatch(entry):
+                parse_partition_key(entry)  # the message says what a key looks like
+            if entry in seen or self.holds(entry):
+                raise ValueError(f"{entry!r} is under `removed` but still in `clients`")
+        if not self.clients and not self.removed:
+            raise ValueError(
+                "no clients: refused, since a file being rewritten or cut short reads like this. "
+                "To remove every client on purpose, write `clients: []` and name them under `removed:`"
+            )
         return self
+
+    def holds(self, key: str) -> bool:
+        """Whether the `client:list` key is in a client's explicit `lists`."""
+        client_id, _, list_id = key.partition(":")
+        return any(c.id == client_id and isinstance(c.lists, list) and list_id in c.lists for c in self.clients)
+
+    def removes(self, key: str) -> bool:
+        """Whether a partition's deletion was asked for under `removed` (by its client or its key)."""
+        return key in self.removed or key.partition(":")[0] in self.removed
 
 
 # --------------------------------------------------------------------------- partition keys
@@ -153,7 +182,7 @@ def partition_key(client_id: str, list_id: str) -> str:
 def parse_partition_key(key: str) -> tuple[str, str]:
     """`acme:1a2d7ebf82` -> ("acme", "1a2d7ebf82"); refuses anything that is not exactly that shape."""
     client_id, sep, list_id = key.partition(":")
-    if not sep or not CLIENT_ID_RE.match(client_id) or not LIST_ID_RE.match(list_id):
+    if not sep or not CLIENT_ID_RE.fullmatch(client_id) or not LIST_ID_RE.fullmatch(list_id):
         raise ValueError(
             f"partition key {key[:120]!r} is not '<client_id>:<list_id>' "
             "(client id: lower-case letters, digits and '-'; list id: 10 hex digits)"
@@ -168,6 +197,10 @@ class ClientRegistry(Protocol):
     def clients(self) -> list[Client]: ...
 
     def client(self, client_id: str) -> Client: ...
+
+    def removes(self, key: str) -> bool:
+        """Whether the partition `key` was taken out of the registry on purpose (see `RegistryFile.removed`)."""
+        ...
 
 
 class YamlClientRegistry:
@@ -189,6 +222,9 @@ class YamlClientRegistry:
                 return c
         raise KeyError(f"client {client_id!r} is not in the registry {self.path}")
 
+    def removes(self, key: str) -> bool:
+        return self._data.removes(key)
+
     def __iter__(self) -> Iterator[Client]:
         return iter(self._data.clients)
 
@@ -205,8 +241,11 @@ def load_registry_file(path: Path) -> RegistryFile:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {"clients": []}
+    if data is None:  # nothing but blanks or comments: how a file being rewritten in place reads
+        raise RegistryError(
+            f"{path}: the client registry is empty: refused (no partition is changed for a file being rewritten); "
+            "write files whole (a temporary file, then a rename)"
+        )
     try:
         return RegistryFile.model_validate(data)
     except ValidationError as exc:
@@ -258,4 +297,6 @@ def _line_of(node: yaml.Node | None, loc: list[object]) -> int | None:
 def write_registry(path: Path, clients: list[dict[str, object]]) -> None:
     """Write a registry file (the sandbox CLI and the demo use this)."""
     RegistryFile.model_validate({"clients": clients})  # never write what we would refuse to read
-    path.write_text(yaml.safe_dump({"clients": clients}, sort_keys=False), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump({"clients": clients}, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)  # whole or not at all: a reader never sees a half-written registry

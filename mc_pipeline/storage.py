@@ -22,7 +22,7 @@ from pydantic import Field
 
 from mc_pipeline.registry import parse_partition_key
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+RUN_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: `$` would let "id\n" through
 
 
 def default_data_dir() -> Path:
@@ -78,7 +78,7 @@ class PipelineStorage(ConfigurableResource):
         return self.root / "lists" / client_id / list_id
 
     def run_folder(self, partition: str, run_id: str) -> RunFolder:
-        if not RUN_ID_RE.match(run_id):
+        if not RUN_ID_RE.fullmatch(run_id):
             raise ValueError(f"run id {run_id[:80]!r} is not a safe folder name")
         folder = RunFolder(self.partition_dir(partition) / "runs" / run_id)
         folder.root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ class KnownContacts:
 
     def add(self, run_id: str, contacts: pa.Table | Path, exclude: set[str] | None = None) -> None:
         """Record the contacts of a Parquet file (streamed) or a table, but the ids in `exclude`."""
-        if not RUN_ID_RE.match(run_id):
+        if not RUN_ID_RE.fullmatch(run_id):
             raise ValueError("unsafe run id")
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / f"delta-{run_id}.parquet"

@@ -4,6 +4,12 @@
 Its work per tick is bounded (new partitions, `lists: all` accounts re-read) and its cursor
 remembers what `all` resolved to, so a registry of thousands of lists costs a tick little and
 a burst of new clients never floods the run queue.
+
+It never deletes partitions because of a passing state of the file: a registry that is empty
+or does not parse is refused; a deletion waits until two ticks read the same registry; and one
+that would remove half of the partitions or more (or lists half as many lists as the last one
+accepted) is held, changing nothing, until the clients taken out are named under `removed:` in
+the registry (see `registry_guard`).
 """
 
 import contextlib
@@ -31,6 +37,7 @@ from dagster import (
 )
 
 from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+from mc_pipeline.automation.registry_guard import CONFIRM_HINT, reading, shrink
 from mc_pipeline.jobs import sync_job, sync_run_config
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import (
@@ -57,9 +64,14 @@ ALL_REFRESH_S = 3600  # how old a cached `all` answer may be
 
 @dataclass
 class SensorCursor:
-    """What `lists: all` resolved to, per client: {client_id: {"lists": [...], "at": epoch}}."""
+    """What `lists: all` resolved to, per client: {client_id: {"lists": [...], "at": epoch}};
+    how many lists the last registry accepted stood for; since when a shrinking one is held;
+    the last tick's `reading` of the registry (deletions wait until two ticks agree)."""
 
     all_lists: dict[str, dict[str, Any]] = field(default_factory=dict)
+    size: int | None = None
+    held_since: float | None = None
+    seen: str | None = None
 
     @classmethod
     def load(cls, raw: str | None) -> "SensorCursor":
@@ -67,10 +79,11 @@ class SensorCursor:
             data = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
             data = {}
-        return cls(all_lists=dict(data.get("all", {})))
+        return cls(dict(data.get("all", {})), data.get("size"), data.get("held_since"), data.get("seen"))
 
     def dump(self) -> str:
-        return json.dumps({"v": 1, "all": self.all_lists}, separators=(",", ":"), sort_keys=True)
+        data = {"v": 1, "all": self.all_lists, "size": self.size, "held_since": self.held_since, "seen": self.seen}
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
 @dataclass
@@ -99,7 +112,7 @@ def desired_partitions(
             budget -= 1
             try:
                 with mailchimp.client(client) as mc:
-                    ids = [x["id"] for x in mc.lists() if isinstance(x.get("id"), str) and LIST_ID_RE.match(x["id"])]
+                    ids = [x["id"] for x in mc.lists() if LIST_ID_RE.fullmatch(str(x.get("id")))]
                 cursor.all_lists[client.id] = {"lists": sorted(ids), "at": now}
                 refreshed.append(client.id)
             except (ApiError, SecretError) as exc:
@@ -126,26 +139,58 @@ def desired_partitions(
     job=sync_job,
     minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Adds a partition (and a full sync) for each client list in the registry; removes those gone.",
+    description="Adds a partition (and a full sync) for each client list in the registry; removes those gone, "
+    "but holds a registry that would remove half or more at once unless it names them under `removed:`.",
 )
 def mailchimp_lists_sensor(
     context: SensorEvaluationContext, registry: ClientRegistryResource, mailchimp: MailchimpResource
 ) -> SensorResult | SkipReason:
+    """Partitions follow the registry; deletions only once two ticks read the same registry.
+
+    To remove many clients (half of the partitions or more, or a registry half the size of the
+    last one or smaller), an operator names them under `removed:` in the registry file
+    (client ids or `client:list` keys), next to the shortened `clients:`; the tick after, their
+    partitions are deleted (500 a tick). Until then the tick changes nothing and says so in its
+    skip reason. `removed:` may be emptied once they are gone.
+    """
+    reg = YamlClientRegistry(registry.path)  # re-read each tick: the file is the truth
     try:
-        clients = YamlClientRegistry(registry.path).clients()  # re-read each tick: the file is the truth
+        clients = reg.clients()
     except RegistryError as exc:
         context.log.error(str(exc))
         return SkipReason(f"the client registry was refused; no partition changed.\n{exc}")
     cursor = SensorCursor.load(context.cursor)
-    desired = desired_partitions(clients, cursor, mailchimp, time.time())
+    now = time.time()
+    resolved_before = dict(cursor.all_lists)
+    desired = desired_partitions(clients, cursor, mailchimp, now)
     for error in desired.errors:
         context.log.warning(f"could not list a client's audiences (its partitions are kept): {error}")
 
     existing = set(context.instance.get_dynamic_partitions(MAILCHIMP_LISTS))
+    kept = {k for k in existing - set(desired.keys) if _client_of(k) in desired.unknown_clients}
+    every_gone = sorted(existing - set(desired.keys) - kept)
+    change = shrink(existing, every_gone, len(desired.keys) + len(kept), cursor.size, reg.removes)
+    settled, cursor.seen = cursor.seen == reading(desired.keys), reading(desired.keys)
+    refusal = change.refusal()
+    if refusal:
+        # Keep what `all` resolved to for clients absent from this reading, and the last good size.
+        cursor.all_lists = {**resolved_before, **{c: cursor.all_lists[c] for c in desired.refreshed}}
+        cursor.held_since = cursor.held_since or now
+        held = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(cursor.held_since))
+        message = (
+            f"the client registry {registry.path} was held (since {held}); no partition changed: {refusal}. "
+            + CONFIRM_HINT
+        )
+        context.log.error(message)
+        return SensorResult(skip_reason=SkipReason(message), cursor=cursor.dump())
+    cursor.size, cursor.held_since = change.size, None
     new = sorted(set(desired.keys) - existing)[:MAX_NEW_PER_TICK]
-    gone = sorted(k for k in existing - set(desired.keys) if _client_of(k) not in desired.unknown_clients)[
-        :MAX_DELETED_PER_TICK
-    ]
+    gone = every_gone[:MAX_DELETED_PER_TICK] if settled else []
+    waiting = (
+        f"{len(every_gone)} partitions to delete wait for the next tick to read the same registry"
+        if every_gone and not settled
+        else ""
+    )
     run_requests = []
     for key in new:
         client = desired.keys[key]
@@ -166,11 +211,14 @@ def mailchimp_lists_sensor(
     pending = len(set(desired.keys) - existing) - len(new)
     context.log.info(
         f"{len(desired.keys)} lists in the registry, {len(existing)} partitions: +{len(new)} -{len(gone)}"
+        + (f" ({len(change.confirmed)} named under `removed`)" if change.confirmed else "")
         + (f" ({pending} more next ticks)" if pending else "")
         + (f"; re-read `all` for {desired.refreshed}" if desired.refreshed else "")
+        + (f"; {waiting}" if waiting else "")
     )
     if not new and not gone:
-        return SensorResult(skip_reason=SkipReason("the partitions match the registry"), cursor=cursor.dump())
+        reason = waiting or "the partitions match the registry"
+        return SensorResult(skip_reason=SkipReason(reason), cursor=cursor.dump())
     return SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests_, cursor=cursor.dump())
 
 

@@ -7,6 +7,7 @@ its CPU on the wire, not on rebuilding dictionaries.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from array import array
 from collections import OrderedDict
@@ -96,28 +97,31 @@ class MailchimpList:
         self._queries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._projections: OrderedDict[tuple[str, str], list[bytes | None]] = OrderedDict()
         for i in range(size):
-            self._append(factory.make(i))
+            member = factory.make(i)
+            self._append(member["id"], _row(member))
 
     # ----------------------------------------------------------------- storage
-    def _append(self, member: dict[str, Any]) -> int:
+    # A change is computed whole (`_row`, which may refuse it) before anything is written; the
+    # writes that follow cannot fail, so a refused change leaves the list exactly as it was.
+    def _append(self, member_id_: str, row: _Row) -> int:
         slot = len(self._docs)
-        self._docs.append(_kept_json(member))
-        self._ids.append(member["id"])
-        self._index[member["id"]] = slot
-        self._last_changed.append(_ts(member["last_changed"]))
-        self._opt.append(_ts(member["timestamp_opt"]))
-        self._signup.append(_ts(member["timestamp_signup"]))
-        self._status.append(STATUS_CODE[member["status"]])
+        self._docs.append(row.doc)
+        self._ids.append(member_id_)
+        self._index[member_id_] = slot
+        self._last_changed.append(row.last_changed)
+        self._opt.append(row.opt)
+        self._signup.append(row.signup)
+        self._status.append(row.status)
         for cache in self._projections.values():
             cache.append(None)
         return slot
 
-    def _store(self, slot: int, member: dict[str, Any]) -> None:
-        self._docs[slot] = _kept_json(member)
-        self._last_changed[slot] = _ts(member["last_changed"])
-        self._opt[slot] = _ts(member["timestamp_opt"])
-        self._signup[slot] = _ts(member["timestamp_signup"])
-        self._status[slot] = STATUS_CODE[member["status"]]
+    def _store(self, slot: int, row: _Row) -> None:
+        self._docs[slot] = row.doc
+        self._last_changed[slot] = row.last_changed
+        self._opt[slot] = row.opt
+        self._signup[slot] = row.signup
+        self._status[slot] = row.status
         for cache in self._projections.values():
             cache[slot] = None
 
@@ -232,6 +236,10 @@ class MailchimpList:
         clock: SandboxClock,
     ) -> dict[str, Any]:
         now = clock.now_s()
+        if not isinstance(email, str) or "@" not in email:
+            raise MailchimpError(400, "Invalid Resource", f"email_address must be an email address: {email!r}.")
+        _check_status(status)
+        _check_merge_fields(merge_fields)
         with self._lock:
             mid = member_id(email)
             if mid in self._index and self._status[self._index[mid]] != DELETED:
@@ -243,10 +251,11 @@ class MailchimpList:
             member["timestamp_signup"] = iso(now)
             member["timestamp_opt"] = iso(now) if status == "subscribed" else ""
             member["last_changed"] = iso(now)
+            row = _row(member)
             if mid in self._index:  # re-added after a permanent delete
-                self._store(self._index[mid], member)
+                self._store(self._index[mid], row)
             else:
-                self._append(member)
+                self._append(mid, row)
             self._changed()
             return member
 
@@ -260,9 +269,12 @@ class MailchimpList:
         **fields: Any,
     ) -> dict[str, Any]:
         now = clock.now_s()
+        if status is not None:
+            _check_status(status)
+        _check_merge_fields(merge_fields)
         with self._lock:
             slot = self._slot(key)
-            member = orjson.loads(self._docs[slot])
+            member = orjson.loads(self._docs[slot])  # a copy: nothing is written until `_store`
             if merge_fields:
                 member["merge_fields"] = {**member["merge_fields"], **merge_fields}
                 _sync_full_name(member)
@@ -271,8 +283,6 @@ class MailchimpList:
                     raise ValueError(f"{name} cannot be changed through update()")
                 member[name] = value
             if status is not None:
-                if status not in STATUS_CODE:
-                    raise MailchimpError(400, "Invalid Resource", f"Unknown status {status!r}.")
                 member["status"] = status
                 if status == "unsubscribed":
                     member.setdefault("unsubscribe_reason", "N/A (Unsubscribed by admin)")
@@ -280,7 +290,7 @@ class MailchimpList:
                     member["timestamp_opt"] = iso(now)
                     member.pop("unsubscribe_reason", None)
             member["last_changed"] = iso(now)
-            self._store(slot, member)
+            self._store(slot, _row(member))
             self._changed()
             return member
 
@@ -304,8 +314,50 @@ def _kept_json(value: Any) -> bytes:
     return bytes(memoryview(orjson.dumps(value)))
 
 
-def _ts(value: str) -> int:
-    return int(datetime.fromisoformat(value).timestamp()) if value else -1
+@dataclass(frozen=True)
+class _Row:
+    """One member as the list stores it: its JSON and its query columns."""
+
+    doc: bytes
+    last_changed: int
+    opt: int
+    signup: int
+    status: int
+
+
+def _row(member: dict[str, Any]) -> _Row:
+    """Everything a write needs, computed (and refused) before the list is touched."""
+    _check_status(member.get("status"))
+    return _Row(
+        doc=_kept_json(member),
+        last_changed=_ts(member, "last_changed"),
+        opt=_ts(member, "timestamp_opt"),
+        signup=_ts(member, "timestamp_signup"),
+        status=STATUS_CODE[member["status"]],
+    )
+
+
+def _check_status(status: object) -> None:
+    if not isinstance(status, str) or status not in STATUS_CODE:
+        raise MailchimpError(400, "Invalid Resource", f"Unknown status {status!r}; known: {list(STATUSES)}.")
+
+
+def _check_merge_fields(merge_fields: object) -> None:
+    if merge_fields is not None and not isinstance(merge_fields, dict):
+        raise MailchimpError(400, "Invalid Resource", f"merge_fields must be an object, not {merge_fields!r}.")
+
+
+def _ts(member: dict[str, Any], name: str) -> int:
+    """A timestamp column: an ISO 8601 date-time with its UTC offset, or '' (never set)."""
+    value = member.get(name, "")
+    if value == "":
+        return -1
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            dt = datetime.fromisoformat(value)
+            if dt.tzinfo is not None:
+                return int(dt.timestamp())
+    raise MailchimpError(400, "Invalid Resource", f"{name} must be an ISO 8601 date-time with a UTC offset: {value!r}.")
 
 
 def _sync_full_name(member: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -587,8 +588,12 @@ def _admin_json(data: Any, status: int = 200) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    """The change as a JSON object; each route validates all of it before applying any (atomic)."""
     raw = await request.read()
-    return orjson.loads(raw) if raw else {}
+    body = orjson.loads(raw) if raw else {}
+    if not isinstance(body, dict):
+        raise ValueError(f"the body must be a JSON object, not {type(body).__name__}")
+    return body
 
 
 def _admin_list(request: web.Request) -> MailchimpList:
@@ -663,10 +668,14 @@ async def admin_clock(request: web.Request) -> web.Response:
     state: SandboxState = request.app[STATE]
     if request.method == "POST":
         body = await _body(request)
-        if "advance" in body:
-            state.clock.advance(float(body["advance"]))
-        if "set" in body:
-            state.clock.set(float(parse_time(body["set"], "set") or 0))
+        advance = float(body["advance"]) if "advance" in body else None
+        if advance is not None and not math.isfinite(advance):
+            raise ValueError(f"advance must be a finite number of seconds, not {advance}")
+        when = parse_time(str(body["set"]), "set") if "set" in body else None
+        if advance is not None:
+            state.clock.advance(advance)
+        if when is not None:
+            state.clock.set(float(when))
         if body.get("reset"):
             state.clock.reset()
     return _admin_json({"now": state.clock.now_dt().isoformat()})
@@ -718,10 +727,16 @@ async def admin_faults(request: web.Request) -> web.Response:
     state: SandboxState = request.app[STATE]
     body = await _body(request)
     target = body["target"]
+    if not isinstance(target, str):
+        raise ValueError(f"target must be a string, not {target!r}")
+    rates = Faults.model_validate(body["rates"]) if body.get("rates") else None
+    script = body.get("script", [])
+    if not isinstance(script, list):
+        raise ValueError(f"script must be a list of fault kinds, not {script!r}")
+    if script:
+        state.faults.script(target, script)  # refuses an unknown kind before queueing any
     if "rates" in body:
-        state.faults.set_rates(target, Faults.model_validate(body["rates"]) if body["rates"] else None)
-    if "script" in body:
-        state.faults.script(target, list(body["script"]))
+        state.faults.set_rates(target, rates)
     return _admin_json({"target": target, "pending": state.faults.pending(target)})
 
 

@@ -27,6 +27,7 @@ from mc_pipeline.automation import sensors as sensors_module
 from mc_pipeline.automation.sensors import mailchimp_lists_sensor, sync_failure_alerts
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
+from mc_pipeline.registry import YamlClientRegistry
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.tags import CLIENT, MAILCHIMP_ACCOUNT, SYNC_KIND
 from mc_pipeline_tests.helpers import sync
@@ -77,10 +78,14 @@ def test_new_lists_become_partitions_with_a_full_sync(small_env: LocalEnvironmen
 def test_a_list_removed_from_the_registry_loses_its_partition(
     small_env: LocalEnvironment, instance: DagsterInstance
 ) -> None:
-    apply(instance, evaluate(instance, small_env.registry))
+    first = evaluate(instance, small_env.registry)
+    apply(instance, first)
     dropped = small_env.sandbox.client("client-1").list_ids[0]
     edit_registry(small_env.registry, lambda clients: clients[0]["lists"].remove(dropped))
-    result = evaluate(instance, small_env.registry)
+    # A deletion waits one tick: a registry read while it is rewritten is not still so a tick later.
+    waiting = evaluate(instance, small_env.registry, first.cursor)
+    assert not waiting.dynamic_partitions_requests and "wait for the next tick" in waiting.skip_reason.skip_message
+    result = evaluate(instance, small_env.registry, waiting.cursor)
     assert [(type(r).__name__, list(r.partition_keys)) for r in result.dynamic_partitions_requests] == [
         ("DeleteDynamicPartitionsRequest", [f"client-1:{dropped}"])
     ]
@@ -200,3 +205,111 @@ def test_a_failed_sync_is_recorded_on_its_partition_and_posted(
     assert hook["partition"] == partition and "403 User Disabled" in hook["cause"]
     key = sb.client("client-1").mailchimp_key
     assert key not in json.dumps(hook) and key not in json.dumps(md)
+
+
+# --------------------------------------------------------------------------- a registry being rewritten
+def forty_lists(path: Path) -> list[str]:
+    """Three clients with 20, 10 and 10 explicit lists (no Mailchimp call needed); their keys."""
+
+    def grow(clients: list[dict[str, Any]]) -> None:
+        clients[0]["lists"] = [f"{i:010x}" for i in range(20)]
+        for n in (2, 3):
+            clients.append({**clients[0], "id": f"client-{n}", "lists": [f"{n:02x}{i:08x}" for i in range(10)]})
+
+    edit_registry(path, grow)
+    data = yaml.safe_load(path.read_text())
+    order = ("id", "mailchimp", "ometria", "lists")  # as `write_registry` writes: a cut in `lists` still parses
+    data["clients"] = [{k: c[k] for k in order} for c in data["clients"]]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return sorted(f"{c['id']}:{x}" for c in yaml.safe_load(path.read_text())["clients"] for x in c["lists"])
+
+
+def settle(instance: DagsterInstance, registry: Path, cursor: str | None = None, ticks: int = 2) -> str | None:
+    for _ in range(ticks):
+        result = evaluate(instance, registry, cursor)
+        if isinstance(result, SensorResult):
+            apply(instance, result)
+            cursor = result.cursor
+    return cursor
+
+
+def partitions(instance: DagsterInstance) -> list[str]:
+    return sorted(instance.get_dynamic_partitions(MAILCHIMP_LISTS))
+
+
+def test_a_registry_read_while_it_is_rewritten_deletes_no_partition(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    """Issue 9 item 9: an empty file was read as 'no clients' and every partition deleted. Every
+    state a file passes through while rewritten in place (empty, cut anywhere) keeps them all."""
+    keys = forty_lists(small_env.registry)
+    good = small_env.registry.read_text()
+    cursor = settle(instance, small_env.registry)
+    assert partitions(instance) == keys
+    lines = good.splitlines(keepends=True)
+    states = ["", "\n", "# being written\n", "clients: []\n", "clients:\n", good[: len(good) // 2]]
+    states += ["".join(lines[:n]) for n in range(1, len(lines))]  # cut at every line: most still parse
+    states += [good[:n] for n in range(7, len(good), 97)]  # and inside lines
+    reasons = set()
+    for state in states:
+        small_env.registry.write_text(state)
+        result = evaluate(instance, small_env.registry, cursor)  # one tick sees it, the next the whole file
+        if isinstance(result, SensorResult):
+            apply(instance, result)
+            assert not result.run_requests
+        assert partitions(instance) == keys, f"a registry cut to {len(state)} of {len(good)} bytes deleted partitions"
+        reasons.add(result.skip_message if isinstance(result, SkipReason) else result.skip_reason.skip_message)
+        small_env.registry.write_text(good)
+        again = evaluate(instance, small_env.registry, result.cursor if isinstance(result, SensorResult) else cursor)
+        assert not again.dynamic_partitions_requests and not again.run_requests
+        cursor = again.cursor
+    for kind in ("registry was refused", "registry is empty", "no clients: refused", "was held", "wait for the next"):
+        assert any(kind in r for r in reasons), kind  # every way of keeping them was taken
+
+
+def test_a_half_registry_is_held_however_long_it_stays(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
+    """A writer that died mid-file leaves half a registry for good: it is held, not obeyed, and the
+    tick says what to do; naming the clients under `removed:` confirms it."""
+    keys = forty_lists(small_env.registry)
+    good = small_env.registry.read_text()
+    cursor = settle(instance, small_env.registry)
+    half = good[: good.index("- id: client-2")]  # client-1's 20 lists: half the partitions, half the file
+    assert len(half) < len(good) * 0.6 and YamlClientRegistry(_write(small_env.registry, half)).clients()
+    for _ in range(5):
+        result = evaluate(instance, small_env.registry, cursor)
+        assert isinstance(result, SensorResult) and not result.dynamic_partitions_requests
+        cursor = result.cursor
+    message = result.skip_reason.skip_message
+    assert "was held" in message and "no partition changed" in message
+    assert "it would delete 20 of 40 partitions at once" in message and "`removed:`" in message
+    assert partitions(instance) == keys
+
+    small_env.registry.write_text("removed: [client-2, client-3]\n" + half)
+    result = evaluate(instance, small_env.registry, cursor)
+    apply(instance, result)
+    assert partitions(instance) == [k for k in keys if k.startswith("client-1:")]
+
+
+def test_a_real_removal_of_a_client_still_deletes_its_partitions(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    keys = forty_lists(small_env.registry)
+    cursor = settle(instance, small_env.registry)
+    edit_registry(small_env.registry, lambda clients: clients.pop())  # client-3: 10 of 40 partitions
+    waiting = evaluate(instance, small_env.registry, cursor)
+    assert not waiting.dynamic_partitions_requests
+    result = evaluate(instance, small_env.registry, waiting.cursor)
+    assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [
+        [k for k in keys if k.startswith("client-3:")]
+    ]
+    apply(instance, result)
+    # Every other client, named under `removed:`: deleted without a hold, once two ticks agree.
+    small_env.registry.write_text(yaml.safe_dump({"removed": ["client-1", "client-2"], "clients": []}))
+    cursor = settle(instance, small_env.registry, result.cursor)
+    assert partitions(instance) == []
+    assert json.loads(cursor)["size"] == 0
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -321,3 +321,50 @@ def test_stats_count_a_request_before_its_answer_reaches_the_client(fresh: Sandb
         assert fresh.stats("mailchimp:<unknown>")["requests"] == i
         om_push(fresh, [contact(f"s{i}")])
         assert fresh.stats("ometria:client-1")["requests"] == i
+
+
+# ------------------------------------------------------------------------------------------ atomic changes
+def _list_state(sb: Sandbox, list_id: str) -> tuple[Any, ...]:
+    """What a list serves, through every query shape a sync uses."""
+    return (
+        served(sb, list_id),
+        {s: sorted(served(sb, list_id, status=s)) for s in ("subscribed", "archived", "pending")},
+        [m["id"] for m in all_members(sb, list_id, sort_field="last_changed", sort_dir="DESC")],
+        sorted(served(sb, list_id, since_last_changed="2000-01-01T00:00:00+00:00")),
+        sb.mailchimp_list(list_id).counts(),
+    )
+
+
+def test_a_refused_admin_change_leaves_the_list_exactly_as_it_was(fresh: Sandbox) -> None:
+    """Issue 9 item 15: an add with an unknown status used to append half a member (its JSON and
+    times but no status), so once the list changed again, pages with a filter answered 500."""
+    lid = fresh.client("client-1").list_ids[0]
+    m = pick(fresh, lid, 1)[0]
+    before = _list_state(fresh, lid)
+    route = f"/mailchimp/lists/{lid}/members"
+    refused = [
+        admin(fresh, "POST", route, json={"email_address": "half@example.org", "status": "bogus"}),
+        admin(fresh, "POST", route, json={"email_address": "half@example.org", "merge_fields": ["x"]}),
+        admin(fresh, "POST", route, json={"email_address": 42}),
+        admin(fresh, "POST", route, json=["not", "an", "object"]),
+        admin(fresh, "PATCH", f"{route}/{m['id']}", json={"status": "bogus", "merge_fields": {"FNAME": "Half"}}),
+        admin(fresh, "PATCH", f"{route}/{m['id']}", json={"merge_fields": {"FNAME": "Half"}, "timestamp_opt": "x"}),
+        admin(fresh, "PATCH", f"{route}/{m['id']}", json={"timestamp_signup": 12345}),
+        admin(fresh, "POST", "/faults", json={"target": lid, "rates": {"error_rate": 1.0}, "script": ["teapot"]}),
+        admin(fresh, "POST", "/clock", json={"advance": 3600, "set": "not a time"}),
+        admin(fresh, "POST", "/clock", json={"advance": "nan"}),
+    ]
+    assert [r.status_code for r in refused] == [400] * len(refused), [r.text for r in refused]
+    with pytest.raises(MailchimpError, match="Unknown status"):
+        fresh.add_member(lid, "half.python@example.org", status="bogus")
+    assert _list_state(fresh, lid) == before  # no half-member, no half-update, no fault rate set
+    assert abs(fresh.clock.now_dt() - datetime.now(UTC)) < timedelta(seconds=5)  # the clock did not move
+
+    fresh.add_member(lid, "after@example.org")  # a later change rebuilds the query columns
+    fresh.update_member(lid, m["id"], merge_fields={"FNAME": "After"})
+    for params in ({}, {"status": "subscribed"}, {"since_last_changed": "2000-01-01T00:00:00+00:00"}):
+        page = mc_get(fresh, f"/lists/{lid}/members", params={"count": 1000, **params})
+        assert page.status_code == 200, page.text[:300]
+    assert "half@example.org" not in {x["email_address"] for x in fresh.mailchimp_list(lid).members()}
+    assert served(fresh, lid)[m["id"]]["merge_fields"]["FNAME"] == "After"
+    assert len(served(fresh, lid)) == len(before[0]) + 1
