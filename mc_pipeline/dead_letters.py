@@ -141,7 +141,7 @@ def outstanding(storage: PipelineStorage, partition: str) -> Outstanding:
 def _keyed(table: pa.Table, run_id: str) -> pa.Table:
     """What identifies a dead letter across runs: its member, else its record, else its payload."""
     payload_keys = pa.array(
-        [f"payload:{hashlib.sha1(p.encode()).hexdigest()}" for p in table.column("payload").to_pylist()]
+        [f"payload:{hashlib.sha1(p.encode()).hexdigest()}" for p in table.column("payload").to_pylist()], pa.string()
     )
     key = pc.coalesce(
         pc.binary_join_element_wise("member:", table.column("member_id"), ""),
@@ -407,24 +407,13 @@ def replay(
 
 
 def report(instance: Any, partition: str, state: ListState) -> None:
-    """Tell Dagster a replay changed the list's outstanding dead letters: an observation the check
-    reads, and the check's new verdict, so the UI shows it without waiting for the next sync."""
-    from dagster import AssetCheckEvaluation, AssetCheckSeverity, AssetObservation
+    """Record a replay's effect on the list in Dagster: an observation of `ometria/contacts` that
+    the check reads at its next evaluation (every sync). Not a runless check evaluation: Dagster
+    1.13 stores one per partition only (a second fails its unique key), and cannot run a
+    partitioned check without its asset."""
+    from dagster import AssetObservation
 
     from mc_pipeline.assets.mailchimp import CONTACTS_KEY
 
-    metadata = state.metadata()
-    instance.report_runless_asset_event(
-        AssetObservation(asset_key=CONTACTS_KEY, partition=partition, metadata=metadata)
-    )
-    instance.report_runless_asset_event(
-        AssetCheckEvaluation(
-            asset_key=CONTACTS_KEY,
-            check_name=CHECK_NAME,
-            passed=state.passed,
-            metadata=metadata,
-            severity=AssetCheckSeverity.ERROR,
-            description=state.describe(),
-            partition=partition,
-        )
-    )
+    event = AssetObservation(asset_key=CONTACTS_KEY, partition=partition, metadata=state.metadata())
+    instance.report_runless_asset_event(event)
