@@ -116,7 +116,7 @@ def _partition_problem(partition: str, registry: str | None, storage) -> tuple[i
     try:
         client_id, list_id = parse_partition_key(partition)
         if registry:
-            client = YamlClientRegistry(registry).client(client_id)
+            client = YamlClientRegistry(str(registry)).client(client_id)
             if client.lists != "all" and list_id not in client.lists:
                 return (
                     2,
@@ -171,7 +171,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     from mc_pipeline.registry import YamlClientRegistry, parse_partition_key
 
     ometria = OmetriaResource()
-    client = YamlClientRegistry(registry).client(parse_partition_key(args.partition)[0])
+    client = YamlClientRegistry(str(registry)).client(parse_partition_key(args.partition)[0])
     try:
         result = dead_letters.replay(
             args.partition,

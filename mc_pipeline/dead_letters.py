@@ -2,16 +2,12 @@
 
 A dead letter keeps what is needed to try again, whole (never cut): the raw member (staging),
 the staged row (transform) or the Ometria record (import). Each run writes its own to its run
-folder (`dead_letters-<stage>.parquet`, the run's record); the list's **outstanding** store,
-outside the run folders so pruning never loses one, carries them across runs: a later import
-of the member, a full refresh that no longer lists it, or a replay that gets it through clears
-it. A recorded dead letter never holds the watermark back (a window is not fetched again for
-it); the check `dead_letters_within_share` alerts when a list's outstanding ones pass a share
-of the list, reading the counts from the `ometria/contacts` materialization in Dagster.
-
-Replaying runs the current code on them (the parser, the mapping and its validation, the push),
-so a fixed bug or a corrected Ometria rule lets them through; a dry run runs the same steps but
-the push.
+folder; the list's **outstanding** store, beside the run folders so pruning never loses one,
+carries them across runs until a later import of the member, a full refresh that no longer
+lists it, or a replay gets it through. A dead letter never holds the watermark back (its window
+would be fetched again forever); the check `dead_letters_within_share` alerts when a list's
+outstanding ones pass a share of the list, reading the counts `ometria/contacts` records.
+Replaying runs the current parser, mapping, validation and push; a dry run all but the push.
 """
 
 from __future__ import annotations
@@ -23,17 +19,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from dagster import MetadataValue
 
 from mc_pipeline.staging import STAGING_SCHEMA, id_keys, parse_page
 from mc_pipeline.storage import PipelineStorage
 from mc_pipeline.transform import MAX_RECORD_BYTES, record_dicts, to_contacts
+
+if TYPE_CHECKING:
+    from mc_pipeline.assets.models import RunFiles
 
 DEAD_LETTER_SCHEMA = pa.schema(
     [
@@ -94,11 +94,8 @@ class Outstanding:
         self.path = folder / "outstanding.parquet"
 
     def read(self) -> pa.Table:
-        return (
-            pq.read_table(self.path).cast(OUTSTANDING_SCHEMA)
-            if self.path.exists()
-            else OUTSTANDING_SCHEMA.empty_table()
-        )
+        exists = self.path.exists()
+        return pq.read_table(self.path).cast(OUTSTANDING_SCHEMA) if exists else OUTSTANDING_SCHEMA.empty_table()
 
     def write(self, table: pa.Table) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,14 +110,11 @@ class Outstanding:
         old = self.read()
         fresh = _keyed(as_table(new), run_id)
         if not full_refresh and old.num_rows:
-            seen_members = pa.concat_arrays(
-                [fresh.column("member_id").combine_chunks(), *_column(imported, "member_id")]
-            )
-            seen_records = pa.concat_arrays([fresh.column("record_id").combine_chunks(), *_column(imported, "id")])
+            seen = pa.concat_tables([fresh.select(["member_id", "record_id"]), *_renamed(imported)])
             again = pc.or_(
                 pc.or_(
-                    pc.is_in(old.column("member_id"), value_set=seen_members.drop_null()),
-                    pc.is_in(old.column("record_id"), value_set=seen_records.drop_null()),
+                    pc.is_in(old.column("member_id"), value_set=seen.column("member_id").drop_null()),
+                    pc.is_in(old.column("record_id"), value_set=seen.column("record_id").drop_null()),
                 ),
                 pc.is_in(old.column("key"), value_set=fresh.column("key").combine_chunks()),
             )
@@ -131,6 +125,12 @@ class Outstanding:
         if table.num_rows or old.num_rows:
             self.write(table)
         return table
+
+
+def _renamed(imported: pa.Table | None) -> list[pa.Table]:
+    if imported is None:
+        return []
+    return [imported.rename_columns(["member_id", "record_id"]).cast(pa.schema(list(DEAD_LETTER_SCHEMA)[1:3]))]
 
 
 def outstanding(storage: PipelineStorage, partition: str) -> Outstanding:
@@ -149,10 +149,6 @@ def _keyed(table: pa.Table, run_id: str) -> pa.Table:
         payload_keys,
     )
     return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string())).append_column("key", key)
-
-
-def _column(table: pa.Table | None, name: str) -> list[pa.Array]:
-    return [table.column(name).combine_chunks().cast(pa.string())] if table is not None else []
 
 
 def list_members(storage: PipelineStorage, partition: str, pending: pa.Table) -> int:
@@ -186,8 +182,6 @@ class ListState:
 
     def metadata(self) -> dict[str, Any]:
         """Plain values: `ometria/contacts` records them and the check reads them back from Dagster."""
-        from dagster import MetadataValue
-
         return {
             OUTSTANDING: self.outstanding,
             "outstanding_share": round(self.share, 6),
@@ -208,26 +202,18 @@ class ListState:
         )
 
 
-def settle_run(
-    storage: PipelineStorage,
-    partition: str,
-    run_folder: Path,
-    run_id: str,
-    contacts: Path,
-    full_refresh: bool,
-    limit: float,
-) -> tuple[int, ListState, dict[str, Any]]:
+def settle_run(storage: PipelineStorage, run: RunFiles, contacts: Path, limit: float) -> tuple[int, ListState, dict]:
     """Fold a successful import's dead letters into the list's store: (the run's count, the list's
     state, the run's metadata). The contacts file is read only when something was outstanding."""
-    run = read_run(run_folder)
-    store = outstanding(storage, partition)
+    folder, full = Path(run.folder), run.window.full_refresh
+    dead = read_run(folder)
+    store = outstanding(storage, run.partition)
     had = store.path.exists()
-    imported = pq.read_table(contacts, columns=["member_id", "id"]) if had and not full_refresh else None
+    imported = pq.read_table(contacts, columns=["member_id", "id"]) if had and not full else None
     pending = (
-        store.record(run_id, run, imported, full_refresh) if run.num_rows or had else OUTSTANDING_SCHEMA.empty_table()
+        store.record(run.run_id, dead, imported, full) if dead.num_rows or had else OUTSTANDING_SCHEMA.empty_table()
     )
-    state = state_of(pending, storage, partition, limit)
-    return run.num_rows, state, run_metadata(run_folder, run)
+    return dead.num_rows, state_of(pending, storage, run.partition, limit), run_metadata(folder, dead)
 
 
 def state_of(pending: pa.Table, storage: PipelineStorage, partition: str, limit: float) -> ListState:
@@ -237,30 +223,25 @@ def state_of(pending: pa.Table, storage: PipelineStorage, partition: str, limit:
 
 def run_metadata(run_folder: Path, table: pa.Table) -> dict[str, Any]:
     """Counts by stage and reason, and a masked preview, of a run's dead letters."""
-    from dagster import MetadataValue
-
     if not table.num_rows:
         return {}
-    counts = Counter(
-        f"{s}: {r}" for s, r in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist(), strict=True)
-    )
     return {
-        "dead_letter_reasons": MetadataValue.json(dict(counts.most_common())),
+        "dead_letter_reasons": MetadataValue.json(dict(_reasons(table.to_pylist()).most_common())),
         "dead_letter_preview": MetadataValue.md(_table(table.slice(0, 5).to_pylist())),
         "dead_letter_files": MetadataValue.json([str(f) for f in run_files(run_folder)]),
     }
 
 
-def _cell(value: Any) -> str:
-    return str(value if value is not None else "").replace("|", "\\|").replace("\n", " ")
+def _reasons(rows: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(f"{r['stage']}: {r['reason']}" for r in rows)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     """Markdown: the whole reason (never cut mid-sentence), the email masked."""
     lines = ["| stage | email | member | record | reason |", "|---|---|---|---|---|"]
     for r in rows:
-        cells = (r["stage"], _email(r), r["member_id"], r["record_id"], r["reason"])
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        cells = [r["stage"], _email(r), r["member_id"], r["record_id"], r["reason"]]
+        lines.append("| " + " | ".join(str(c or "").replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -281,8 +262,7 @@ def _email(row: dict[str, Any]) -> str:
 def describe(rows: list[dict[str, Any]], limit: int = 20) -> str:
     if not rows:
         return "no dead letters"
-    counts = Counter(f"{r['stage']}: {r['reason']}" for r in rows)
-    lines = [f"{len(rows)} dead letters"] + [f"  {n:>6}  {reason}" for reason, n in counts.most_common()]
+    lines = [f"{len(rows)} dead letters"] + [f"  {n:>6}  {reason}" for reason, n in _reasons(rows).most_common()]
     lines.append("first ones:" if len(rows) > limit else "each:")
     for r in rows[:limit]:
         lines.append(
@@ -292,7 +272,6 @@ def describe(rows: list[dict[str, Any]], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- replay
 @dataclass
 class ReplayPlan:
     """What a replay will push, and what fails before the push (conversion or validation)."""
@@ -384,8 +363,7 @@ def replay(
 ) -> ReplayResult:
     """Replay a list's outstanding dead letters (or one run's); what passes leaves the store."""
     _, list_id = partition.split(":", 1)
-    store = outstanding(storage, partition)
-    table = store.read()
+    table = (store := outstanding(storage, partition)).read()
     chosen = pc.equal(table.column("run_id"), run_id) if run_id else pa.array([True] * table.num_rows, pa.bool_())
     result = ReplayResult(plan(table.filter(chosen).to_pylist(), client.collection(list_id)))
     if dry_run or not result.plan.tried:
@@ -407,10 +385,8 @@ def replay(
 
 
 def report(instance: Any, partition: str, state: ListState) -> None:
-    """Record a replay's effect on the list in Dagster: an observation of `ometria/contacts` that
-    the check reads at its next evaluation (every sync). Not a runless check evaluation: Dagster
-    1.13 stores one per partition only (a second fails its unique key), and cannot run a
-    partitioned check without its asset."""
+    """A replay's effect, as an observation of `ometria/contacts` the check reads when next run. (Not a
+    runless check evaluation: Dagster 1.13 keeps one per partition; a second breaks its unique key.)"""
     from dagster import AssetObservation
 
     from mc_pipeline.assets.mailchimp import CONTACTS_KEY

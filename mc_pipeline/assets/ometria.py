@@ -118,15 +118,7 @@ def import_to_ometria(
     # A dead letter never holds the watermark back: it goes to the list's outstanding store, and
     # the check `dead_letters_within_share` alerts when those pass a share of the list.
     write_run_file(folder.root, "import", rejected)
-    dead, pending, dead_md = settle_run(
-        storage,
-        run.partition,
-        folder.root,
-        run.run_id,
-        Path(contacts.path),
-        run.window.full_refresh,
-        ometria.max_dead_letter_share,
-    )
+    dead, pending, dead_md = settle_run(storage, run, Path(contacts.path), ometria.max_dead_letter_share)
     if dead:
         context.log.warning(
             f"{run.partition}: {dead} dead letters in this run ({len(rejected)} rejected by Ometria, "
