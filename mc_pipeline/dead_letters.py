@@ -377,7 +377,8 @@ def replay(
                 f"replay-{int(time.time())}",
                 pa.table({"id": [r["id"] for r in through], "email": [r.get("email") for r in through]}),
             )
-    rest = table.filter(pc.invert(chosen))
+    current = store.read()  # again: a sync may have recorded some since; only the replayed ones are replaced
+    rest = current.filter(pc.invert(pc.is_in(current.column("key"), value_set=table.filter(chosen).column("key"))))
     pending = pa.concat_tables([rest, _keyed(as_table(result.still_dead), f"replay-{int(time.time())}")])
     store.write(pending)
     result.state = state_of(pending, storage, partition, limit)

@@ -62,8 +62,10 @@ class RunFolder:
 class PipelineStorage(ConfigurableResource):
     """The data root and how many run folders of each partition to keep."""
 
-    data_dir: str | None = Field(None, description="default: MC_PIPELINE_DATA_DIR or $DAGSTER_HOME/mc_pipeline_data")
-    keep_runs: int = Field(3, ge=1, description="run folders kept per partition; older ones are pruned")
+    data_dir: str | None = Field(
+        default=None, description="default: MC_PIPELINE_DATA_DIR or $DAGSTER_HOME/mc_pipeline_data"
+    )
+    keep_runs: int = Field(default=3, ge=1, description="run folders kept per partition; older ones are pruned")
 
     @property
     def root(self) -> Path:

@@ -41,6 +41,13 @@ def test_a_payload_is_kept_whole_and_a_reason_names_no_address() -> None:
     assert table.column("reason")[0].as_py() == "Ometria: Field 'email' refused: '<email>'"
 
 
+def test_the_run_preview_shows_each_reason_whole(tmp_path: Path) -> None:
+    reason = "Ometria: Field 'properties.NOTES' is longer than the 1,024 characters allowed; " * 3
+    dl.write_run_file(tmp_path, "import", [letter("import", None, "c" * 32, reason, big_record())])
+    preview = dl.run_metadata(tmp_path, dl.read_run(tmp_path))["dead_letter_preview"].value
+    assert reason.strip() in preview and "ol***@example.org" in preview  # was cut at 80 characters
+
+
 def test_listing_shows_any_dead_letter_even_one_cut_by_an_older_version(storage: PipelineStorage, capsys) -> None:
     whole = letter("import", None, "c" * 32, "Ometria: refused", big_record())
     cut = whole | {"record_id": "d" * 32, "payload": whole["payload"][:4096]}  # as the old code stored it
