@@ -1,4 +1,4 @@
-"""`mc-pipeline`: the sandbox, the demo, and partition management."""
+"""`mc-pipeline`: the sandbox, the demo, partition management and dead letters."""
 
 from __future__ import annotations
 
@@ -167,37 +167,102 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "") if items else "none"
 
 
-def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from mc_pipeline.dead_letters import dead_letter_files, describe, load, replay
-    from mc_pipeline.registry import parse_partition_key
-    from mc_pipeline.resources import OmetriaResource
-    from mc_pipeline.storage import PipelineStorage
+def _partition_problem(partition: str, registry: str | None, storage) -> tuple[int, str] | None:
+    """Why a partition has no dead letters to show: (exit code, message), or None when it has a history.
+
+    Unknown (not in the registry, not a partition of the Dagster instance) is an error; never
+    synced is an answer, not "no dead letters"."""
+    from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
 
     try:
-        parse_partition_key(args.partition)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        client_id, list_id = parse_partition_key(partition)
+        if registry:
+            client = YamlClientRegistry(str(registry)).client(client_id)
+            if client.lists != "all" and list_id not in client.lists:
+                return (
+                    2,
+                    f"error: {partition}: unknown: list {list_id} is not a list of client {client_id!r} in {registry}",
+                )
+    except (ValueError, KeyError, RegistryError) as exc:
+        return 2, f"error: {partition}: unknown: {str(exc).strip(chr(34))}"
+    if os.environ.get("DAGSTER_HOME"):
+        from dagster import AssetRecordsFilter
+
+        from mc_pipeline.assets import CONTACTS_KEY
+        from mc_pipeline.partitions import MAILCHIMP_LISTS
+
+        with _instance() as instance:
+            if not instance.has_dynamic_partition(MAILCHIMP_LISTS, partition):
+                return (
+                    2,
+                    f"error: {partition}: unknown: not a partition of {MAILCHIMP_LISTS} (see `partitions list`)",
+                )
+            where = AssetRecordsFilter(asset_key=CONTACTS_KEY, asset_partitions=[partition])
+            if not instance.fetch_materializations(where, limit=1).records:
+                return 0, f"{partition}: never synced (no import recorded), so no dead letters yet"
+    elif not storage.partition_dir(partition).is_dir():
+        return 0, f"{partition}: never synced (nothing under {storage.root}), so no dead letters yet"
+    return None
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from mc_pipeline import dead_letters
+    from mc_pipeline.resources import OmetriaResource
+    from mc_pipeline.resources.errors import ApiError
+    from mc_pipeline.storage import PipelineStorage
+
     storage = PipelineStorage()
-    if args.action == "list":
-        print(describe(load(dead_letter_files(storage, args.partition, args.run))))
-        return 0
     registry = os.environ.get("MC_PIPELINE_CLIENTS")
-    if not registry:
+    if args.action == "replay" and not registry:
         print("error: MC_PIPELINE_CLIENTS is not set (the client registry)", file=sys.stderr)
         return 2
-    result = replay(
-        args.partition,
-        storage=storage,
-        ometria=OmetriaResource(),
-        registry_path=registry,
-        run_id=args.run,
-        dry_run=args.dry_run,
-    )
-    verb = "would push" if args.dry_run else "pushed"
-    print(f"{result.tried} dead letters: {verb} {result.pushed}, {len(result.still_dead)} still failing")
+    problem = _partition_problem(args.partition, registry, storage)
+    if problem:
+        code, message = problem
+        print(message, file=sys.stderr if code else sys.stdout)
+        return code
+    rows = dead_letters.outstanding(storage, args.partition).read()
+    if args.run:
+        rows = rows.filter(pc.equal(rows.column("run_id"), args.run))
+    if args.action == "list":
+        print(dead_letters.describe(rows.to_pylist(), limit=args.limit))
+        return 0
+    from mc_pipeline.registry import YamlClientRegistry, parse_partition_key
+
+    ometria = OmetriaResource()
+    client = YamlClientRegistry(str(registry)).client(parse_partition_key(args.partition)[0])
+    try:
+        result = dead_letters.replay(
+            args.partition,
+            storage=storage,
+            ometria=ometria,
+            client=client,
+            run_id=args.run,
+            dry_run=args.dry_run,
+            limit=ometria.max_dead_letter_share,
+        )
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    p = result.plan
+    if args.dry_run:
+        print(
+            f"{p.tried} dead letters: would push {len(p.records)}, {len(p.failing)} fail conversion or validation "
+            "(what Ometria answers is known only when pushed)"
+        )
+    else:
+        print(
+            f"{p.tried} dead letters: pushed {len(p.records)}, {len(p.records) - len(result.refused)} accepted, "
+            f"{len(result.refused)} refused by Ometria, {len(p.failing)} fail conversion or validation; "
+            f"{len(result.still_dead)} still failing"
+        )
     if result.still_dead:
-        print(describe(result.still_dead, limit=10))
+        print(dead_letters.describe(result.still_dead, limit=10))
+    if result.state is not None and os.environ.get("DAGSTER_HOME"):
+        with _instance() as instance:
+            dead_letters.report(instance, args.partition, result.state)
     return 0 if not result.still_dead else 1
 
 
@@ -242,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     dead = sub.add_parser("dead-letters", help="list a partition's dead letters, or replay them after a fix")
     dead.add_argument("action", choices=["list", "replay"])
     dead.add_argument("partition", metavar="CLIENT:LIST")
-    dead.add_argument("--run", help="only this run's folder (default: every kept run)")
-    dead.add_argument("--dry-run", action="store_true", help="convert again but push nothing")
+    dead.add_argument("--run", help="only those recorded by this run (default: every outstanding one)")
+    dead.add_argument("--dry-run", action="store_true", help="convert and validate as the replay does, push nothing")
+    dead.add_argument("--limit", type=int, default=20, help="dead letters shown one by one (list)")
     dead.set_defaults(func=cmd_dead_letters)
     return parser
 

@@ -6,11 +6,12 @@ import contextlib
 import os
 from typing import Any
 
-from dagster import AssetSelection, PartitionedConfig, define_asset_job, in_process_executor
+from dagster import AssetCheckKey, AssetSelection, PartitionedConfig, define_asset_job, in_process_executor
 
 from mc_pipeline.assets import ASSETS
 from mc_pipeline.assets.checks import counts_reconcile
-from mc_pipeline.assets.mailchimp import PAGES_KEY
+from mc_pipeline.assets.mailchimp import CONTACTS_KEY, PAGES_KEY
+from mc_pipeline.dead_letters import CHECK_NAME
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
 from mc_pipeline.tags import CLIENT, LIST, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, SYNC_KIND, run_tags
@@ -42,8 +43,10 @@ def partition_tags(partition_key: str) -> dict[str, str]:
 
 sync_job = define_asset_job(
     SYNC_JOB,
-    # The per-partition reconciliation runs with each sync; the freshness check has its own schedule.
-    selection=AssetSelection.assets(*ASSETS).without_checks() | AssetSelection.checks(counts_reconcile),
+    # The per-partition checks (reconciliation, outstanding dead letters) run with each sync; the
+    # freshness check has its own schedule.
+    selection=AssetSelection.assets(*ASSETS).without_checks()
+    | AssetSelection.checks(counts_reconcile, AssetCheckKey(CONTACTS_KEY, CHECK_NAME)),
     config=PartitionedConfig(
         partitions_def=mailchimp_lists,
         run_config_for_partition_key_fn=lambda _key: sync_run_config(full_refresh=False),

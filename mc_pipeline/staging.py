@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,15 +51,6 @@ STAGING_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("tags", pa.list_(pa.string())),
         pa.field("page_offset", pa.int32()),
-    ]
-)
-DEAD_LETTER_SCHEMA = pa.schema(
-    [
-        pa.field("stage", pa.string()),  # "staging", "transform" or "import"
-        pa.field("member_id", pa.string()),
-        pa.field("record_id", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("payload", pa.string()),  # the member or record as JSON, cut at 4 KB
     ]
 )
 _ROW_GROUP_ROWS = 50_000
@@ -146,7 +136,17 @@ def _parse_page_python(raw: bytes, page_offset: int) -> tuple[pa.Table, list[dic
             if type(m) is dict and type(m.get("id")) is str and m["id"]:
                 ok.append(m)
             else:
-                dead.append(dead_letter("staging", None, None, "member without an id", m))
+                # A plain dead-letter row (mc_pipeline.dead_letters gives it its schema), the member whole.
+                payload = orjson.dumps(m, default=str).decode()
+                dead.append(
+                    {
+                        "stage": "staging",
+                        "member_id": None,
+                        "record_id": None,
+                        "reason": "member without an id",
+                        "payload": payload,
+                    }
+                )
         members = ok
     get = dict.get
     merges = _dicts([get(m, "merge_fields") for m in members])
@@ -347,20 +347,6 @@ def _timestamp_strings(strings: pa.Array) -> pa.Array:
     if pc.any(pc.ends_with(strings, "Z")).as_py():
         strings = pc.replace_substring_regex(strings, r"Z$", "+00:00")
     return pc.strptime(strings, format="%Y-%m-%dT%H:%M:%S%z", unit="ms", error_is_null=True).cast(UTC_TS)
-
-
-_EMAIL_IN_TEXT = re.compile(r"[^\s'\"<>]+@[^\s'\"<>]+")
-
-
-def dead_letter(stage: str, member_id: str | None, record_id: str | None, reason: str, payload: Any) -> dict[str, Any]:
-    """A dead letter; an address quoted in the reason (Ometria's messages quote them) is replaced
-    by <email>, so reasons group and no address shows in metadata or logs."""
-    reason = _EMAIL_IN_TEXT.sub("<email>", reason)
-    try:
-        text = orjson.dumps(payload, default=str).decode()
-    except TypeError:
-        text = repr(payload)
-    return {"stage": stage, "member_id": member_id, "record_id": record_id, "reason": reason, "payload": text[:4096]}
 
 
 _HEX = np.full(256, 255, dtype=np.uint8)

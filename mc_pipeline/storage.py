@@ -58,16 +58,14 @@ class RunFolder:
     def contacts(self) -> Path:
         return self.root / "contacts.parquet"
 
-    @property
-    def dead_letters(self) -> Path:
-        return self.root / "dead_letters.parquet"
-
 
 class PipelineStorage(ConfigurableResource):
     """The data root and how many run folders of each partition to keep."""
 
-    data_dir: str | None = Field(None, description="default: MC_PIPELINE_DATA_DIR or $DAGSTER_HOME/mc_pipeline_data")
-    keep_runs: int = Field(3, ge=1, description="run folders kept per partition; older ones are pruned")
+    data_dir: str | None = Field(
+        default=None, description="default: MC_PIPELINE_DATA_DIR or $DAGSTER_HOME/mc_pipeline_data"
+    )
+    keep_runs: int = Field(default=3, ge=1, description="run folders kept per partition; older ones are pruned")
 
     @property
     def root(self) -> Path:
@@ -88,7 +86,10 @@ class PipelineStorage(ConfigurableResource):
         return KnownContacts(self.partition_dir(partition) / "known")
 
     def prune(self, partition: str, keep_also: tuple[str, ...] = ()) -> list[str]:
-        """Remove the oldest run folders beyond `keep_runs`; never those named in `keep_also`."""
+        """Remove the oldest run folders beyond `keep_runs`; never those named in `keep_also`.
+
+        Only `runs/` is pruned: the list's outstanding dead letters (`dead_letters/`, see
+        mc_pipeline.dead_letters) and its known contacts live beside it and outlive every run."""
         runs_dir = self.partition_dir(partition) / "runs"
         if not runs_dir.is_dir():
             return []

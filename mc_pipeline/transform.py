@@ -225,7 +225,7 @@ def to_contacts(staged: pa.Table, collection: str, force_optin: bool = False) ->
             "member_id": bad.column("member_id"),
             "record_id": record_id.filter(pc.invert(valid)),
             "reason": bad_reasons,
-            "payload": pa.array([orjson.dumps(r, default=str).decode()[:4096] for r in bad.to_pylist()], pa.string()),
+            "payload": pa.array([orjson.dumps(r, default=str).decode() for r in bad.to_pylist()], pa.string()),
         }
     )
     return good, dead

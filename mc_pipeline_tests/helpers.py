@@ -35,11 +35,12 @@ def sync(
     full_refresh: bool = False,
     raise_on_error: bool = True,
     overrides: dict[str, Any] | None = None,
+    checks: tuple[Any, ...] = (counts_reconcile,),
 ) -> ExecuteInProcessResult:
     if not instance.has_dynamic_partition(MAILCHIMP_LISTS, partition):
         instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])
     return materialize(
-        [*ASSETS, counts_reconcile],
+        [*ASSETS, *checks],
         partition_key=partition,
         instance=instance,
         resources={**resources(), **(overrides or {})},

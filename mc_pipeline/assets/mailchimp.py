@@ -11,8 +11,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from dagster import (
     AssetExecutionContext,
     AssetIn,
@@ -29,11 +27,12 @@ from pydantic import Field
 
 from mc_pipeline.assets.metadata import parquet_metadata
 from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers, Window
+from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.mailchimp import FetchStats, Page, WindowFetch
-from mc_pipeline.staging import DEAD_LETTER_SCHEMA, STAGING_SCHEMA, StagingWriter
+from mc_pipeline.staging import STAGING_SCHEMA, StagingWriter
 from mc_pipeline.storage import PipelineStorage
 
 PAGES_KEY = AssetKey(["mailchimp", "member_pages"])
@@ -222,13 +221,6 @@ def member_pages(
     )
 
 
-def write_dead_letters(path: Path, rows: list[dict] | pa.Table) -> int:
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=DEAD_LETTER_SCHEMA)
-    if table.num_rows:
-        pq.write_table(table.cast(DEAD_LETTER_SCHEMA), path, compression="zstd")
-    return table.num_rows
-
-
 @asset(
     key=MEMBERS_KEY,
     partitions_def=mailchimp_lists,
@@ -257,7 +249,7 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
     except BaseException:
         writer.abort()
         raise
-    dead = write_dead_letters(folder.root / "dead_letters-staging.parquet", summary.dead_letters)
+    dead = write_run_file(folder.root, "staging", summary.dead_letters)
     if summary.duplicates:
         context.log.warning(
             f"{run.partition}: {summary.duplicates} members appeared on two pages (the list changed while "

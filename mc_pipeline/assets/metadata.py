@@ -84,25 +84,3 @@ def parquet_metadata(path: Path, schema: pa.Schema, rows: int, preview_columns: 
         "bytes": path.stat().st_size if path.exists() else 0,
         "preview": preview(path, preview_columns),
     }
-
-
-def dead_letter_metadata(run_folder: Path) -> dict:
-    """Counts by stage and reason, and a masked preview, of a run's dead letters."""
-    files = sorted(run_folder.glob("dead_letters-*.parquet"))
-    if not files:
-        return {}
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    counts: dict[str, int] = {}
-    for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist(), strict=True):
-        key = f"{stage}: {reason}"
-        counts[key] = counts.get(key, 0) + 1
-    lines = ["| stage | member | record | reason |", "|---|---|---|---|"]
-    for row in table.slice(0, PREVIEW_ROWS).to_pylist():
-        lines.append(
-            f"| {row['stage']} | {row['member_id'] or ''} | {row['record_id'] or ''} | {str(row['reason'])[:80]} |"
-        )
-    return {
-        "dead_letter_reasons": MetadataValue.json(counts),
-        "dead_letter_preview": MetadataValue.md("\n".join(lines)),
-        "dead_letter_files": MetadataValue.json([str(f) for f in files]),
-    }

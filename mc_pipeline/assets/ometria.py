@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import (
     AssetIn,
-    Failure,
     MetadataValue,
     OpExecutionContext,
     Out,
@@ -32,15 +31,15 @@ from mc_pipeline.assets.mailchimp import (
     MEMBERS_KEY,
     WATERMARK,
     failure,
-    write_dead_letters,
 )
-from mc_pipeline.assets.metadata import dead_letter_metadata, parquet_metadata
+from mc_pipeline.assets.metadata import parquet_metadata
 from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers, Window
+from mc_pipeline.dead_letters import dead_letter, settle_run, write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
-from mc_pipeline.staging import dead_letter, id_keys
+from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import PipelineStorage, RunFolder
 from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, to_contacts, tombstones
 
@@ -67,7 +66,7 @@ def to_ometria_records(
             if dead.num_rows:
                 dead_tables.append(dead)
     if dead_tables:
-        write_dead_letters(folder.root / "dead_letters-transform.parquet", pa.concat_tables(dead_tables))
+        write_run_file(folder.root, "transform", pa.concat_tables(dead_tables))
         context.log.warning(f"{run.partition}: {dead_rows} members cannot become Ometria contacts (dead letters)")
     metadata = parquet_metadata(
         folder.contacts, CONTACT_SCHEMA, records, ["id", "email", "marketing_optin", "country_id", "timestamp_acquired"]
@@ -116,25 +115,18 @@ def import_to_ometria(
     accepted = contacts.records - len(rejected)
     rejected += tombstones_rejected
     stats.seconds = time.monotonic() - started
-    write_dead_letters(folder.root / "dead_letters-import.parquet", rejected)
-    dead = contacts.dead_letters + len(rejected)
-    members = contacts.records + contacts.dead_letters
-    share = dead / members if members else 0.0
-    dead_md = dead_letter_metadata(folder.root)
-    if share > ometria.max_dead_letter_share:
-        raise Failure(
-            description=f"{run.partition}: {dead} of {members} members are dead letters ({share:.1%}, above the "
-            f"{ometria.max_dead_letter_share:.1%} allowed): {len(rejected)} rejected by Ometria, "
-            f"{contacts.dead_letters} not convertible; the watermark stays where it was. "
-            f"See `mc-pipeline dead-letters list {run.partition}`",
-            metadata={"dead_letters": dead, "members": members, **dead_md},
-            allow_retries=False,
-        )
+    # A dead letter never holds the watermark back: it goes to the list's outstanding store, and
+    # the check `dead_letters_within_share` alerts when those pass a share of the list.
+    write_run_file(folder.root, "import", rejected)
+    dead, pending, dead_md = settle_run(storage, run, Path(contacts.path), ometria.max_dead_letter_share)
     if dead:
         context.log.warning(
-            f"{run.partition}: {dead} dead letters ({share:.2%} of {members} members, within the "
-            f"{ometria.max_dead_letter_share:.1%} allowed): replay them with `mc-pipeline dead-letters replay`"
+            f"{run.partition}: {dead} dead letters in this run ({len(rejected)} rejected by Ometria, "
+            f"{contacts.dead_letters} not convertible); {pending.outstanding} outstanding for the list: "
+            f"see `mc-pipeline dead-letters list {run.partition}`"
         )
+    if not pending.passed:
+        context.log.error(pending.describe())
     pruned = storage.prune(run.partition, keep_also=(run.run_id,))
     if pruned:
         context.log.info(f"{run.partition}: pruned {len(pruned)} old run folders")
@@ -166,6 +158,7 @@ def import_to_ometria(
             "deleted_in_mailchimp_opted_out": deleted,
             "dead_letters": dead,
             **dead_md,
+            **pending.metadata(),
             "requests": stats.requests,
             "throttled_429": stats.throttled,
             "retries": stats.retries,

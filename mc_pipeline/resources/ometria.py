@@ -179,7 +179,7 @@ class OmetriaResource(HttpSettings):
     max_throttle_waits: int = Field(120, ge=0, description="per request, for 429s (rate and backlog)")
     workers: int = Field(4, ge=1, le=16, description="batches in flight; the rate limiter bounds the rate")
     max_dead_letter_share: float = Field(
-        0.01, ge=0, le=1, description="above this share of a run's members in dead letters, the run fails"
+        default=0.01, ge=0, le=1, description="above this share of a list in outstanding dead letters, its check fails"
     )
 
     def client(self, client: Client, logger: Any = None) -> OmetriaClient:

@@ -149,19 +149,6 @@ def test_rejected_records_become_dead_letters_below_the_threshold(
     assert len(held) == len(expected_contacts(sb, list_id)) - 3
 
 
-def test_too_many_dead_letters_fail_the_run_and_keep_the_watermark(
-    small_env: LocalEnvironment, instance: DagsterInstance
-) -> None:
-    sb = small_env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
-    partition = f"client-1:{list_id}"
-    sb.state.config.ometria.reject_email_pattern = r"@gmail\.com$"  # about one member in ten
-    failed = sync(instance, partition, raise_on_error=False, overrides=FAST)
-    message = step_failure_message(failed)
-    assert "dead letters" in message and "above the 1.0% allowed" in message
-    assert latest_watermark(instance, partition) is None
-
-
 def test_members_changed_during_a_long_full_sync_are_not_missed(tmp_path: Path, instance: DagsterInstance) -> None:
     """The list changes while a slow full sync pages through it; the next incremental catches up."""
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=6000)
@@ -229,7 +216,7 @@ def test_dead_letters_are_listed_and_replayed_after_a_fix(
     assert "4 still failing" in capsys.readouterr().out
     sb.state.config.ometria.reject_email_pattern = None  # the fix: Ometria's rule is lifted
     assert main(["dead-letters", "replay", partition]) == 0
-    assert "pushed 4, 0 still failing" in capsys.readouterr().out
+    assert "pushed 4, 4 accepted, 0 refused by Ometria" in capsys.readouterr().out
     assert_ometria_matches(sb, partition)
     assert main(["dead-letters", "list", partition]) == 0
     assert "no dead letters" in capsys.readouterr().out
