@@ -483,11 +483,11 @@ class StagingWriter:
         keys = np.concatenate([k for _, k, _ in self._pages])
         changed = np.concatenate([c for _, _, c in self._pages])
         tables = [t for t, _, _ in self._pages]
-        keep = _keep_latest(
+        found = _keep_latest(
             keys, changed, lambda rows: pa.concat_tables(tables).column("member_id").take(pa.array(rows)).to_pylist()
         )
-        if keep is not None:
-            keep, changed_dropped = keep
+        if found is not None:
+            keep, changed_dropped = found
             self._changed_dropped += changed_dropped
             start, pages = 0, []
             for table, k, c in self._pages:
