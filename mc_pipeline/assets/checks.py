@@ -142,7 +142,8 @@ with warnings.catch_warnings():
                 },
             )
         problems = reconcile(pages, members, contacts)
-        missing = missing_members(RunFolder(Path(contacts["run_folder"])), set(problems)) if problems else []
+        folder = contacts.get("run_folder")
+        missing = missing_members(RunFolder(Path(folder)), set(problems)) if problems and folder else []
         description = "; ".join(problems.values())
         if missing:
             more = f" and {len(missing) - NAMED} more" if len(missing) > NAMED else ""
