@@ -426,7 +426,8 @@ def _keep_latest(keys: np.ndarray, changed: np.ndarray, ids_of: Any) -> tuple[np
 class StagingSummary:
     """What became of every row read from the pages: staged, or dropped as a duplicate of one of two kinds."""
 
-    rows: int  # distinct members staged
+    rows: int  # distinct members staged: what the file holds
+    rows_read: int  # rows parsed from the pages (members without an id are dead letters, not rows)
     overlap_duplicates: int  # the same member with the same last_changed read again (the pages' overlap)
     changed_duplicates: int  # an older version of a member that changed while the list was paged
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
@@ -434,11 +435,6 @@ class StagingSummary:
     @property
     def duplicates(self) -> int:
         return self.overlap_duplicates + self.changed_duplicates
-
-    @property
-    def rows_read(self) -> int:
-        """Rows parsed from the pages (members without an id are dead letters, not rows)."""
-        return self.rows + self.duplicates
 
 
 class StagingWriter:
@@ -527,9 +523,8 @@ class StagingWriter:
             self._tmp.unlink()
             dropped += int((~keep).sum())
             changed_dropped += late_changed
-        kept = self.rows - dropped
-        self.rows = kept
-        return StagingSummary(kept, dropped - changed_dropped, changed_dropped, self.dead_letters)
+        read, self.rows = self.rows, pq.ParquetFile(self.path).metadata.num_rows
+        return StagingSummary(self.rows, read, dropped - changed_dropped, changed_dropped, self.dead_letters)
 
     def _winners(self) -> tuple[np.ndarray, int] | None:
         """`_keep_latest` over the rows written if a member is in two row groups, else None (usual)."""

@@ -62,8 +62,11 @@ def reconcile(pages: dict[str, Any], members: dict[str, Any], contacts: dict[str
     ):
         if not low <= read <= high:
             problems[f"fetch {name}"] = f"Mailchimp counted {low}..{high} {name} in the window, the pages held {read}"
-    if pages["rows_fetched"] != members["rows_read"]:
-        problems["staging"] = f"{pages['rows_fetched']} rows fetched but {members['rows_read']} read by staging"
+    if not pages["rows_fetched"] == members["rows_read"] == staged + overlap_dups + changed_dups + staging_dead:
+        problems["staging"] = (
+            f"{pages['rows_fetched']} rows fetched but {members['rows_read']} read by staging, {staged} staged, "
+            f"{overlap_dups + changed_dups} duplicates and {staging_dead} dead letters"
+        )
     listed = staged + staging_dead
     if static and (listed != total + a_total or overlap_dups != pages["overlap_rows"]):
         problems["members"] = (

@@ -267,7 +267,7 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
         writer.abort()
         raise
     dead = write_dead_letters(folder.root / "dead_letters-staging.parquet", summary.dead_letters)
-    staged = pq.ParquetFile(folder.members).metadata.num_rows  # what the file holds, not what was counted
+    staged = summary.rows
     if summary.changed_duplicates:
         context.log.warning(
             f"{run.partition}: {summary.changed_duplicates} members changed while the list was paged (read twice, "
