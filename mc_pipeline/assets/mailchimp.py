@@ -267,21 +267,21 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
         writer.abort()
         raise
     dead = write_dead_letters(folder.root / "dead_letters-staging.parquet", summary.dead_letters)
-    staged = summary.rows
+    if summary.duplicates:
+        context.log.info(
+            f"{run.partition}: {summary.rows} members staged from {summary.rows_read + dead} rows: "
+            f"{summary.overlap_duplicates} read twice by the pages' overlap, {summary.changed_duplicates} older "
+            f"versions, {dead} dead letters"
+        )
     if summary.changed_duplicates:
         context.log.warning(
             f"{run.partition}: {summary.changed_duplicates} members changed while the list was paged (read twice, "
             "with different last_changed); kept the latest version of each"
         )
-    context.log.info(
-        f"{run.partition}: {staged} members staged from {summary.rows_read + dead} rows: "
-        f"{summary.overlap_duplicates} read twice by the pages' overlap, {summary.changed_duplicates} older "
-        f"versions, {dead} dead letters"
-    )
     metadata = parquet_metadata(
         folder.members,
         STAGING_SCHEMA,
-        staged,
+        summary.rows,
         ["member_id", "email_address", "status", "last_changed", "country_code"],
     )
     metadata.update(
@@ -299,7 +299,7 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
             run=run,
             total_items=pages.total_items,
             path=str(folder.members),
-            rows=staged,
+            rows=summary.rows,
             duplicates=summary.duplicates,
             dead_letters=dead,
         ),
