@@ -113,8 +113,8 @@ def test_a_contact_lost_in_the_transform_fails_the_check_naming_it(
 
     original, dropped = ometria.to_contacts, []
 
-    def lossy(staged, collection):
-        good, dead = original(staged, collection)
+    def lossy(staged, *args, **kwargs):
+        good, dead = original(staged, *args, **kwargs)
         if not dropped and good.num_rows:
             dropped.append(good.column("member_id")[0].as_py())
             good = good.slice(1)
