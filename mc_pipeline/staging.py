@@ -396,10 +396,10 @@ def id_keys(member_ids: pa.Array) -> np.ndarray:
 
 
 def _keep_latest(keys: np.ndarray, changed: np.ndarray, ids_of: Any) -> tuple[np.ndarray, int] | None:
-    """(keep-mask over rows, rows dropped that differ from their winner's last_changed) if any
-    member appears twice (the latest last_changed wins; on a tie, the later row, i.e. a later
-    page), else None. A dropped row with the winner's last_changed is the same version read again
-    (the pages' overlap); one with another last_changed is a member that changed during the sync.
+    """(keep-mask over rows, older versions dropped) if any member appears twice (the latest
+    last_changed wins; on a tie, the later row, i.e. a later page), else None. A member's rows
+    with one last_changed are one version read again (the pages' overlap); each further
+    last_changed is an older version of a member that changed during the sync.
 
     64-bit keys find the candidates cheaply; `ids_of(rows)` gives the full ids of those few rows,
     which decide, so a key collision between two different members can never drop one of them.
@@ -410,7 +410,9 @@ def _keep_latest(keys: np.ndarray, changed: np.ndarray, ids_of: Any) -> tuple[np
     candidates = np.flatnonzero(np.isin(keys, uniq[counts > 1]))
     rows_ids = list(zip(candidates.tolist(), ids_of(candidates), strict=True))
     best: dict[str, int] = {}
+    versions: dict[str, set[int]] = {}
     for row, mid in rows_ids:
+        versions.setdefault(mid, set()).add(int(changed[row]))
         other = best.get(mid)
         if other is None or (changed[row], row) >= (changed[other], other):
             best[mid] = row
@@ -419,7 +421,7 @@ def _keep_latest(keys: np.ndarray, changed: np.ndarray, ids_of: Any) -> tuple[np
     keep[list(best.values())] = True
     if keep.all():
         return None
-    return keep, sum(1 for row, mid in rows_ids if changed[row] != changed[best[mid]])
+    return keep, sum(len(v) - 1 for v in versions.values())
 
 
 @dataclass

@@ -130,9 +130,10 @@ def test_overlap_duplicates_are_told_from_members_that_changed_during_the_sync(t
     writer.write_page(page(*[_member(i, old) for i in range(5)]), 0)
     writer.write_page(page(*[_member(i, old) for i in range(3, 8)]), 3)  # overlaps members 3 and 4
     writer.write_page(page(_member(1, new)), 8)  # member 1 changed while the list was paged
+    writer.write_page(page(_member(4, old), _member(4, new)), 9)  # member 4: its old version once more, and a new one
     summary = writer.close()
-    assert summary.rows == 8 and summary.rows_read == 11
-    assert summary.overlap_duplicates == 2 and summary.changed_duplicates == 1 and summary.duplicates == 3
+    assert summary.rows == 8 and summary.rows_read == 13
+    assert summary.overlap_duplicates == 3 and summary.changed_duplicates == 2 and summary.duplicates == 5
 
 
 def test_duplicates_across_written_row_groups_are_told_apart_too(

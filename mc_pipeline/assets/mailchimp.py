@@ -275,8 +275,8 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
         )
     if summary.changed_duplicates:
         context.log.warning(
-            f"{run.partition}: {summary.changed_duplicates} members changed while the list was paged (read twice, "
-            "with different last_changed); kept the latest version of each"
+            f"{run.partition}: {summary.changed_duplicates} older versions of members that changed while the list "
+            "was paged (read again with another last_changed); kept the latest version of each"
         )
     metadata = parquet_metadata(
         folder.members,
