@@ -37,7 +37,8 @@ class RunFigures:
     partition: str
     kind: str
     run_id: str
-    members: int = 0
+    members: int = 0  # distinct members in the window, archived ones included (not rows: pages overlap)
+    archived: int = 0
     api_calls: int = 0
     pushed: int = 0
     requests: int = 0
@@ -67,7 +68,8 @@ def run_figures(instance: Any, run_id: str, partition: str, kind: str) -> RunFig
             md = {k: v.value for k, v in mat.metadata.items()}
             name = mat.asset_key.to_user_string()
             if name == "mailchimp/member_pages":
-                fig.members, fig.api_calls = md["members"], md["api_calls"]
+                fig.members = md["members"] + md.get("archived_members", 0)
+                fig.archived, fig.api_calls = md.get("archived_members", 0), md["api_calls"]
                 fig.seconds["fetch"] = md["seconds"]
             elif name == "mailchimp/members":
                 fig.seconds["stage"] = md["seconds"]
@@ -83,15 +85,15 @@ def run_figures(instance: Any, run_id: str, partition: str, kind: str) -> RunFig
 
 def summary_table(rows: list[RunFigures]) -> str:
     head = (
-        f"{'partition':<22} {'sync':<12} {'members':>8} {'MC calls':>8} {'pushed':>8} {'OM reqs':>7} "
-        f"{'fetch s':>7} {'stage s':>7} {'xform s':>7} {'import s':>8} {'run s':>6}"
+        f"{'partition':<22} {'sync':<12} {'members':>8} {'archived':>8} {'MC calls':>8} {'pushed':>8} "
+        f"{'OM reqs':>7} {'fetch s':>7} {'stage s':>7} {'xform s':>7} {'import s':>8} {'run s':>6}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         s = r.seconds
         lines.append(
-            f"{r.partition:<22} {r.kind:<12} {r.members:>8,} {r.api_calls:>8} {r.pushed:>8,} {r.requests:>7} "
-            f"{s.get('fetch', 0):>7.2f} {s.get('stage', 0):>7.2f} {s.get('transform', 0):>7.2f} "
+            f"{r.partition:<22} {r.kind:<12} {r.members:>8,} {r.archived:>8,} {r.api_calls:>8} {r.pushed:>8,} "
+            f"{r.requests:>7} {s.get('fetch', 0):>7.2f} {s.get('stage', 0):>7.2f} {s.get('transform', 0):>7.2f} "
             f"{s.get('import', 0):>8.2f} {r.wall:>6.1f}"
         )
     return "\n".join(lines)

@@ -381,9 +381,11 @@ def id_keys(member_ids: pa.Array) -> np.ndarray:
     )
 
 
-def _keep_latest(keys: np.ndarray, changed: np.ndarray, ids_of: Any) -> np.ndarray | None:
-    """A keep-mask over rows if any member appears twice (the latest last_changed wins; on a tie,
-    the later row, i.e. a later page), else None.
+def _keep_latest(keys: np.ndarray, changed: np.ndarray, ids_of: Any) -> tuple[np.ndarray, int] | None:
+    """(keep-mask over rows, older versions dropped) if any member appears twice (the latest
+    last_changed wins; on a tie, the later row, i.e. a later page), else None. A member's rows
+    with one last_changed are one version read again (the pages' overlap); each further
+    last_changed is an older version of a member that changed during the sync.
 
     64-bit keys find the candidates cheaply; `ids_of(rows)` gives the full ids of those few rows,
     which decide, so a key collision between two different members can never drop one of them.
@@ -392,22 +394,35 @@ def _keep_latest(keys: np.ndarray, changed: np.ndarray, ids_of: Any) -> np.ndarr
     if len(uniq) == len(keys):
         return None
     candidates = np.flatnonzero(np.isin(keys, uniq[counts > 1]))
+    rows_ids = list(zip(candidates.tolist(), ids_of(candidates), strict=True))
     best: dict[str, int] = {}
-    for row, mid in zip(candidates.tolist(), ids_of(candidates), strict=True):
+    versions: dict[str, set[int]] = {}
+    for row, mid in rows_ids:
+        versions.setdefault(mid, set()).add(int(changed[row]))
         other = best.get(mid)
         if other is None or (changed[row], row) >= (changed[other], other):
             best[mid] = row
     keep = np.ones(len(keys), dtype=bool)
     keep[candidates] = False
     keep[list(best.values())] = True
-    return keep if not keep.all() else None
+    if keep.all():
+        return None
+    return keep, sum(len(v) - 1 for v in versions.values())
 
 
 @dataclass
 class StagingSummary:
-    rows: int
-    duplicates: int
+    """What became of every row read from the pages: staged, or dropped as a duplicate of one of two kinds."""
+
+    rows: int  # distinct members staged: what the file holds
+    rows_read: int  # rows parsed from the pages (members without an id are dead letters, not rows)
+    overlap_duplicates: int  # the same member with the same last_changed read again (the pages' overlap)
+    changed_duplicates: int  # an older version of a member that changed while the list was paged
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def duplicates(self) -> int:
+        return self.overlap_duplicates + self.changed_duplicates
 
 
 class StagingWriter:
@@ -428,6 +443,7 @@ class StagingWriter:
         self._keys: list[np.ndarray] = []  # of the rows written
         self._changed: list[np.ndarray] = []
         self._dropped = 0  # duplicates removed before writing
+        self._changed_dropped = 0  # of which older versions (another last_changed)
         self.rows = 0
         self.dead_letters: list[dict[str, Any]] = []
 
@@ -451,10 +467,12 @@ class StagingWriter:
         keys = np.concatenate([k for _, k, _ in self._pages])
         changed = np.concatenate([c for _, _, c in self._pages])
         tables = [t for t, _, _ in self._pages]
-        keep = _keep_latest(
+        found = _keep_latest(
             keys, changed, lambda rows: pa.concat_tables(tables).column("member_id").take(pa.array(rows)).to_pylist()
         )
-        if keep is not None:
+        if found is not None:
+            keep, changed_dropped = found
+            self._changed_dropped += changed_dropped
             start, pages = 0, []
             for table, k, c in self._pages:
                 mask = keep[start : start + table.num_rows]
@@ -476,30 +494,28 @@ class StagingWriter:
     def close(self) -> StagingSummary:
         self._flush(hold_last=False)
         self._writer.close()
-        keep = self._winners()
-        if keep is None:
+        winners = self._winners()
+        dropped, changed_dropped = self._dropped, self._changed_dropped
+        if winners is None:
             self._tmp.replace(self.path)
-            kept = self.rows - self._dropped
-            summary = StagingSummary(kept, self._dropped, self.dead_letters)
-            self.rows = kept
-            return summary
-        # Rewrite without the losers, one row group at a time.
-        source = pq.ParquetFile(self._tmp)
-        with pq.ParquetWriter(self.path, STAGING_SCHEMA, compression="zstd") as out:
-            start = 0
-            for i in range(source.num_row_groups):
-                group = source.read_row_group(i)
-                mask = keep[start : start + group.num_rows]
-                start += group.num_rows
-                out.write_table(group.filter(pa.array(mask)).cast(STAGING_SCHEMA))
-        self._tmp.unlink()
-        kept = int(keep.sum())
-        duplicates = self.rows - kept
-        self.rows = kept
-        return StagingSummary(kept, duplicates, self.dead_letters)
+        else:  # rewrite without the losers, one row group at a time
+            keep, late_changed = winners
+            source = pq.ParquetFile(self._tmp)
+            with pq.ParquetWriter(self.path, STAGING_SCHEMA, compression="zstd") as out:
+                start = 0
+                for i in range(source.num_row_groups):
+                    group = source.read_row_group(i)
+                    mask = keep[start : start + group.num_rows]
+                    start += group.num_rows
+                    out.write_table(group.filter(pa.array(mask)).cast(STAGING_SCHEMA))
+            self._tmp.unlink()
+            dropped += int((~keep).sum())
+            changed_dropped += late_changed
+        read, self.rows = self.rows, pq.ParquetFile(self.path).metadata.num_rows
+        return StagingSummary(self.rows, read, dropped - changed_dropped, changed_dropped, self.dead_letters)
 
-    def _winners(self) -> np.ndarray | None:
-        """A keep-mask over the rows written if a member is in two row groups, else None (usual)."""
+    def _winners(self) -> tuple[np.ndarray, int] | None:
+        """`_keep_latest` over the rows written if a member is in two row groups, else None (usual)."""
         if not self._keys:
             return None
         keys = np.concatenate(self._keys)

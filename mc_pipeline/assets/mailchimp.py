@@ -3,7 +3,6 @@
 # No `from __future__ import annotations` here: Dagster reads these signatures at definition time.
 
 import gzip
-import math
 import os
 import threading
 import time
@@ -126,12 +125,12 @@ def member_pages(
 
     last_log = [time.monotonic()]
 
-    def on_progress(stats: FetchStats, total: int) -> None:
+    def on_progress(stats: FetchStats, pass_pages: int) -> None:
         if time.monotonic() - last_log[0] >= 10:
             last_log[0] = time.monotonic()
             context.log.info(
-                f"{partition}: {stats.pages}/{max(1, math.ceil(total / mailchimp.page_size))} pages, "
-                f"{stats.members}/{total} members, {stats.calls} calls, {stats.retries} retries"
+                f"{partition}: {stats.pages}/{pass_pages} pages "
+                f"({stats.rows} rows, the pages' overlap included), {stats.calls} calls, {stats.retries} retries"
             )
 
     run_start = run_started_at(context.instance, run_id)
@@ -180,14 +179,17 @@ def member_pages(
     for f in sweeps:
         for cause, n in f.stats.causes.items():
             causes[cause] = causes.get(cause, 0) + n
-    archived_members = archived.stats.members if archived else 0
+    archived_members = archived.members if archived else 0
+    rows = sum(f.rows for f in sweeps)
+    overlap_rows = sum(f.overlap_rows for f in sweeps)
     seconds = sum(f.stats.seconds for f in sweeps)
     run = RunFiles(
         partition=partition, client_id=client.id, list_id=list_id, run_id=run_id, folder=str(folder.root), window=window
     )
     context.log.info(
-        f"{partition}: {main.stats.members} members and {archived_members} archived in {pages} pages, window "
-        f"{window.describe()}, {calls} calls ({retries} retries, {throttled} throttled) in {seconds:.1f}s"
+        f"{partition}: {main.members} members and {archived_members} archived ({rows} rows in {pages} pages, "
+        f"{overlap_rows} of them the pages' overlap), window {window.describe()}, {calls} calls ({retries} retries, "
+        f"{throttled} throttled) in {seconds:.1f}s"
     )
     return Output(
         PageSet(
@@ -195,7 +197,7 @@ def member_pages(
             total_items=main.total_first,
             total_last=main.total_last,
             pages=pages,
-            members=main.stats.members,
+            members=main.members,
             archived=archived_members,
             passes=main.passes,
         ),
@@ -203,13 +205,20 @@ def member_pages(
             "window_since": MetadataValue.text(window.since.isoformat() if window.since else "(full sync)"),
             "window_before": MetadataValue.timestamp(window.before),
             "full_refresh": window.full_refresh,
+            # Mailchimp's count of the window, at the first page and the smallest any page gave.
             "total_items": main.total_first,
             "total_items_at_end": main.total_last,
+            "archived_total_items": archived.total_first if archived else 0,
+            "archived_total_items_at_end": archived.total_last if archived else 0,
             "passes": main.passes,
+            "archived_passes": archived.passes if archived else 0,
             "page_overlap": main.overlap,
             "pages": pages,
-            "members": main.stats.members,
+            # Distinct members read (window positions of the last pass), then rows as received.
+            "members": main.members,
             "archived_members": archived_members,
+            "rows_fetched": rows,
+            "overlap_rows": overlap_rows,
             "api_calls": calls,
             "retries": retries,
             "throttled": throttled,
@@ -251,9 +260,15 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
         raise
     dead = write_run_file(folder.root, "staging", summary.dead_letters)
     if summary.duplicates:
+        context.log.info(
+            f"{run.partition}: {summary.rows} members staged from {summary.rows_read + dead} rows: "
+            f"{summary.overlap_duplicates} read twice by the pages' overlap, {summary.changed_duplicates} older "
+            f"versions, {dead} dead letters"
+        )
+    if summary.changed_duplicates:
         context.log.warning(
-            f"{run.partition}: {summary.duplicates} members appeared on two pages (the list changed while "
-            "it was paged); kept the latest version of each"
+            f"{run.partition}: {summary.changed_duplicates} older versions of members that changed while the list "
+            "was paged (read again with another last_changed); kept the latest version of each"
         )
     metadata = parquet_metadata(
         folder.members,
@@ -263,7 +278,10 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
     )
     metadata.update(
         {
+            "rows_read": summary.rows_read + dead,
             "duplicates_removed": summary.duplicates,
+            "overlap_duplicates": summary.overlap_duplicates,
+            "changed_duplicates": summary.changed_duplicates,
             "dead_letters": dead,
             "seconds": round(time.monotonic() - started, 3),
         }

@@ -33,8 +33,9 @@ from mc_pipeline.resources.errors import (
     MailchimpRequestError,
     MailchimpUnavailable,
 )
-from mc_pipeline.resources.http import CallStats, HttpSettings, Retry, RetryPolicy, pooled_session
+from mc_pipeline.resources.http import HttpSettings, Retry, RetryPolicy, pooled_session
 from mc_pipeline.resources.limits import account_gate, backoff_delay, fingerprint
+from mc_pipeline.resources.paging import FetchStats, Page, WindowFetch, covered, gaps_below
 
 log = logging.getLogger(__name__)
 
@@ -78,47 +79,11 @@ def mailchimp_time(dt: datetime) -> str:
     return dt.isoformat(timespec="seconds")
 
 
-@dataclass
-class Page:
-    offset: int
-    raw: bytes  # exactly as received
-    members: int
-    total_items: int
-    server_time: datetime | None = None
-
-
-@dataclass
-class FetchStats(CallStats):
-    calls: int = 0  # HTTP requests sent, retries included
-    bytes: int = 0
-    pages: int = 0
-    members: int = 0
-    seconds: float = 0.0
-
-
 @dataclass(frozen=True)
 class Response:
     body: bytes
     data: Any
     server_time: datetime | None  # from the Date header: Mailchimp's clock, not ours
-
-
-@dataclass
-class WindowFetch:
-    """How one window was fetched, and the proof that no member was skipped."""
-
-    since: datetime | None
-    before: datetime
-    status: str | None
-    total_first: int  # total_items when the first page was evaluated
-    total_last: int  # the smallest total_items any page saw: the window only shrinks during a run
-    passes: int
-    overlap: int
-    stats: FetchStats
-
-    @property
-    def shrank_by(self) -> int:
-        return self.total_first - self.total_last
 
 
 class MailchimpClient:
@@ -248,7 +213,9 @@ class MailchimpClient:
         is past `before`), so the window only shrinks and a member's position only decreases,
         by at most the shrink. Pages overlap by `overlap` members; if the window shrank by no
         more than that between the first and the last page evaluated, every member that stayed
-        was on some page. Otherwise the window is paged again, with a wider overlap.
+        was on some page. Otherwise the window is paged again, with a wider overlap. A page that
+        returns fewer members than its own total promises leaves positions no page read (a gap):
+        the window is paged again too; the counts of the last pass are in the result.
         """
         stats = FetchStats()
         started = time.monotonic()
@@ -261,35 +228,45 @@ class MailchimpClient:
         total_first = total_last = first.total_items
         overlap = min(self.overlap, self.page_size - 1)
         passes = 1
-        if first.total_items > self.page_size:
-            window = self._window(since, before, status)
-            offsets = list(range(self.page_size - overlap, total_first, self.page_size - overlap))
-            while True:
-                total_last = min(
-                    total_first,
-                    self._fetch_concurrently(list_id, offsets, window, stats, on_page, passes - 1, on_progress),
+        spans = [(0, first.members)]  # (offset, rows) of this pass's pages: which positions were read
+        window = self._window(since, before, status)
+        while True:
+            smallest, read = self._fetch_concurrently(
+                list_id, self._offsets(total_first, overlap), window, stats, on_page, passes - 1, on_progress
+            )
+            total_last = min(total_first, smallest)
+            spans += read
+            gaps = gaps_below(spans, total_last)
+            if total_first - total_last <= overlap and not gaps:
+                break
+            # A shrink past the overlap may have skipped members; a gap is positions no page returned.
+            cause = (
+                f"pages returned no member at window positions {', '.join(f'{a}..{b - 1}' for a, b in gaps[:5])}"
+                if gaps
+                else f"the window shrank by {total_first - total_last} members while it was paged, more than "
+                f"the {overlap}-member overlap"
+            )
+            if passes >= self.max_passes:
+                raise MailchimpUnavailable(
+                    f"{cause}, in each of {passes} passes; members may have been skipped",
+                    client_id=self.client_id,
+                    list_id=list_id,
                 )
-                if total_first - total_last <= overlap:
-                    break
-                if passes >= self.max_passes:
-                    raise MailchimpUnavailable(
-                        f"the window shrank by {total_first - total_last} members while it was paged, more than "
-                        f"the {overlap}-member overlap, in each of {passes} passes; members may have been skipped",
-                        client_id=self.client_id,
-                        list_id=list_id,
-                    )
-                self.log.warning(
-                    f"Mailchimp {self.client_id} list {list_id}: {total_first - total_last} members left the window "
-                    f"while it was paged (overlap {overlap}); paging it again"
-                )
-                passes += 1
-                overlap = min(max(overlap, 2 * (total_first - total_last)), self.page_size // 2)
-                again = self._page(list_id, 0, window, stats)
-                on_page(again, passes - 1)
-                total_first = again.total_items
-                offsets = list(range(self.page_size - overlap, total_first, self.page_size - overlap))
+            self.log.warning(f"Mailchimp {self.client_id} list {list_id}: {cause}; paging it again")
+            passes += 1
+            overlap = min(max(overlap, 2 * (total_first - total_last)), self.page_size // 2)
+            again = self._page(list_id, 0, window, stats)
+            on_page(again, passes - 1)
+            total_first = again.total_items
+            spans = [(0, again.members)]
         stats.seconds = time.monotonic() - started
-        return WindowFetch(since, before, status, total_first, total_last, passes, overlap, stats)
+        return WindowFetch(since, before, status, total_first, total_last, passes, overlap, stats, covered(spans))
+
+    def _offsets(self, total: int, overlap: int) -> list[int]:
+        """The offsets after the first page's: each page shares `overlap` members with the previous one."""
+        if total <= self.page_size:
+            return []
+        return list(range(self.page_size - overlap, total, self.page_size - overlap))
 
     def _fetch_concurrently(
         self,
@@ -300,19 +277,22 @@ class MailchimpClient:
         on_page: Callable[[Page, int], None],
         pass_no: int,
         on_progress: Callable[[FetchStats, int], None] | None,
-    ) -> int:
-        """Fetch `offsets` with at most the account's connections in flight; the smallest total seen."""
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """Fetch `offsets` with at most the account's connections in flight: the smallest total seen,
+        and each page's (offset, rows)."""
         smallest = [1 << 62]
+        read: list[tuple[int, int]] = []
         lock = threading.Lock()
 
         def fetch(offset: int) -> None:
             page = self._page(list_id, offset, window, stats)
             with lock:
                 smallest[0] = min(smallest[0], page.total_items)
+                read.append((offset, page.members))
             on_page(page, pass_no)
 
         if not offsets:
-            return smallest[0]
+            return smallest[0], read
         with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{list_id}") as pool:
             pending = {pool.submit(fetch, off) for off in offsets}
             while pending:
@@ -324,8 +304,8 @@ class MailchimpClient:
                             other.cancel()
                         raise exc
                 if on_progress is not None:
-                    on_progress(stats, offsets[-1] + self.page_size)
-        return smallest[0]
+                    on_progress(stats, len(offsets) + 1)  # the pages of this pass
+        return smallest[0], read
 
     def _page(self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats) -> Page:
         params = {**window, "count": self.page_size, "offset": offset, "fields": MEMBERS_FIELDS_PARAM}
@@ -336,7 +316,7 @@ class MailchimpClient:
             members = data.get("members") if isinstance(data, dict) else None
             total = data.get("total_items") if isinstance(data, dict) else None
             if isinstance(members, list) and isinstance(total, int):
-                stats.add(pages=1, members=len(members))
+                stats.add(pages=1, rows=len(members))
                 return Page(
                     offset=offset, raw=resp.body, members=len(members), total_items=total, server_time=resp.server_time
                 )

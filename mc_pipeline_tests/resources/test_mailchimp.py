@@ -224,3 +224,53 @@ def test_a_page_that_stays_malformed_is_reported_clearly(small_env: LocalEnviron
     resource = MailchimpResource(max_attempts=3, backoff_base_s=0.01)
     with pytest.raises(MailchimpUnavailable, match=r"list .*: gave up after 3 attempts; last cause: malformed JSON"):
         collect(small_env, list_id, resource)
+
+
+def test_a_fetch_counts_rows_overlap_and_distinct_members_apart(small_env: LocalEnvironment) -> None:
+    """Rows received are not members: the overlap is counted as overlap; on a static list members = total_items."""
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]
+    listed = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+    resource = MailchimpResource(page_size=100, backoff_base_s=0.01)
+    with client_of(small_env, resource) as mc:
+        fetched = mc.fetch_window(list_id, since=None, on_page=lambda page, pass_no: None)
+    pages = 1 + len(range(80, len(listed), 80))
+    assert fetched.stats.pages == pages and fetched.passes == 1
+    assert fetched.members == fetched.total_first == len(listed)
+    assert fetched.overlap_rows == 20 * (pages - 1) and fetched.rows == fetched.members + fetched.overlap_rows
+
+
+def _short_page(monkeypatch: pytest.MonkeyPatch, offset: int, cut: int, times: int) -> None:
+    """Mailchimp answers the page at `offset` with its last `cut` members missing, `times` times."""
+    from mc_pipeline.resources.mailchimp import MailchimpClient, Response
+
+    original = MailchimpClient.get
+    left = [times]
+
+    def get(self, path, params, *, list_id, stats):
+        resp = original(self, path, params, list_id=list_id, stats=stats)
+        if params.get("offset") == offset and left[0] > 0:
+            left[0] -= 1
+            data = {**resp.data, "members": resp.data["members"][:-cut]}
+            return Response(orjson.dumps(data), data, resp.server_time)
+        return resp
+
+    monkeypatch.setattr(MailchimpClient, "get", get)
+
+
+def test_a_page_that_comes_back_short_is_paged_again(small_env: LocalEnvironment, monkeypatch) -> None:
+    """A page with fewer members than its total promises leaves a gap: the window is paged again, none lost."""
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]  # pages at 0, 980 and 1960
+    expected = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+    _short_page(monkeypatch, 980, 300, times=1)  # positions 1680..1959 on no page
+    stats, _, _, ids = collect(small_env, list_id)
+    assert set(ids) == expected
+    assert stats.pages == 6  # the second pass
+
+
+def test_a_page_that_stays_short_fails_naming_the_positions(small_env: LocalEnvironment, monkeypatch) -> None:
+    list_id = small_env.sandbox.client("client-1").list_ids[1]
+    _short_page(monkeypatch, 980, 300, times=10)
+    with pytest.raises(MailchimpUnavailable, match=r"no member at window positions 1680\.\.1959, in each of 3 passes"):
+        collect(small_env, list_id)
