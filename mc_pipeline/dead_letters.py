@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from mc_pipeline.assets.metadata import mask
 from mc_pipeline.registry import YamlClientRegistry, parse_partition_key
 from mc_pipeline.resources.ometria import MAX_RECORDS, OmetriaResource, PushStats
-from mc_pipeline.staging import DEAD_LETTER_SCHEMA, STAGING_SCHEMA, dead_letter, parse_page
+from mc_pipeline.staging import DEAD_LETTER_SCHEMA, STAGING_SCHEMA, parse_page
 from mc_pipeline.storage import PipelineStorage
 from mc_pipeline.transform import record_dicts, to_contacts
 
@@ -108,14 +108,13 @@ def replay(
     if records and not dry_run:
         om = ometria.client(client)
         stats = PushStats()
+        batches = [records[start : start + MAX_RECORDS] for start in range(0, len(records), MAX_RECORDS)]
         try:
-            for start in range(0, len(records), MAX_RECORDS):
-                batch = records[start : start + MAX_RECORDS]
-                refused = om.push_records(batch, stats, list_id=list_id)
-                still += [dead_letter("import", None, rec.get("id"), f"Ometria: {why}", rec) for rec, why in refused]
-                pushed += len(batch) - len(refused)
+            refused = om.push_batches(batches, stats, list_id=list_id).dead_letters(batches)
         finally:
             om.close()
+        still += refused
+        pushed = len(records) - len(refused)
         known = [r for r in records if r.get("id") not in {d["record_id"] for d in still}]
         storage.known_contacts(partition).add(
             f"replay-{int(time.time())}",
