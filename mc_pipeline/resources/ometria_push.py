@@ -80,7 +80,6 @@ class Refusal:
 @dataclass
 class PushOutcome:
     refused: list[Refusal] = field(default_factory=list)
-    request_ids: int = 0
 
     def dead_letters(self, batches: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         """The refused records as dead letters; `batches` are the pushed ones again, in order."""
@@ -160,7 +159,7 @@ class Fanout:
         self._look_up([rid for rid in self.sent if rid not in self.looked_up])
         self._untraced()
         refused = sorted(self.refused.values(), key=lambda r: (r.batch, r.position))
-        return PushOutcome(refused=refused, request_ids=len(self.sent))
+        return PushOutcome(refused=refused)
 
     def _one(self, ordinal: int, records: list[dict[str, Any]], slots: threading.BoundedSemaphore) -> None:
         try:
