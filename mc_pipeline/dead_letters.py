@@ -335,20 +335,16 @@ def _staged_rows(docs: list[dict[str, Any]]) -> pa.Table:
 
 
 def push(ometria: Any, client: Any, list_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The replay's push, through the Ometria client's `push_records`, batch by batch; the dead
-    letters of what Ometria refused. (The one seam to the push: a new client API changes only this.)"""
+    """The replay's push, through the Ometria client's `push_batches`: the dead letters of what
+    Ometria refused (at once or after the answer)."""
     from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
 
-    refused: list[dict[str, Any]] = []
+    batches = [records[start : start + MAX_RECORDS] for start in range(0, len(records), MAX_RECORDS)]
     om = ometria.client(client)
-    stats = PushStats()
     try:
-        for start in range(0, len(records), MAX_RECORDS):
-            for rec, why in om.push_records(records[start : start + MAX_RECORDS], stats, list_id=list_id):
-                refused.append(dead_letter("import", None, rec.get("id"), f"Ometria: {why}", rec))
+        return om.push_batches(batches, PushStats(), list_id=list_id).dead_letters(batches)
     finally:
         om.close()
-    return refused
 
 
 def replay(

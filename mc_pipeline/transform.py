@@ -45,8 +45,21 @@ reaches Ometria only with `force_optin: true`. Tombstones are forced for the sam
 
 Why these choices: archived members can no longer be emailed from Mailchimp, so they leave
 Ometria as opted out rather than silently stale; pending and transactional members never gave
-marketing consent, so they are NOT_SPECIFIED. A record Ometria would refuse (no stable id, a
-malformed email, over 60 KB) becomes a dead letter with its reason instead of failing the run.
+marketing consent, so they are NOT_SPECIFIED.
+
+What Ometria refuses is caught here, before any push, so a rejection is rare and means news:
+- no stable id, or an email that is not an address -> a dead letter with its reason. An address
+  holding a control character (NUL, tab, newline, DEL, C1) is not one (RFC 5321 allows none, so
+  Ometria cannot deliver to it): it is a dead letter, never "cleaned" into another address.
+- control characters in `firstname` / `lastname` (a copy-paste artefact, never part of a name;
+  Ometria answers "not a valid value" at `root > lastname`) are replaced by a space, then trimmed:
+  the person still arrives, under a readable name.
+- the 60 KB per record ("Payload invalid: Record is too large.", which refuses the whole request)
+  is checked in `encode_records` on the exact bytes that are sent, not estimated: a merge field
+  of quotes or control characters doubles or sextuples when JSON escapes it. The docs say "60KB";
+  the check takes the stricter reading, 60,000 bytes.
+- 100 records per request and one @type per request are held by the push client.
+The docs give no length limit for names, phone or properties: none is checked.
 """
 
 from __future__ import annotations
@@ -70,9 +83,11 @@ OPTIN = {
 }
 OPTED_OUT_STATUSES = ("unsubscribed", "cleaned", "archived")
 # Ometria refuses these; the same rules as its validator, so nothing is sent only to be rejected.
-EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$"
-MAX_RECORD_BYTES = 60 * 1024
-RECORD_OVERHEAD_BYTES = 600  # keys, quotes, timestamps: generous, so the estimate errs on the safe side
+# No whitespace and no control character (C0, DEL, C1) anywhere in an address; RE2 and Python `re` alike.
+_NOT_IN_ADDRESS = r"@\s\x00-\x1f\x7f-\x9f"
+EMAIL_PATTERN = rf"^[^{_NOT_IN_ADDRESS}]{{1,64}}@[^{_NOT_IN_ADDRESS}.]+(\.[^{_NOT_IN_ADDRESS}.]+)+$"
+MAX_RECORD_BYTES = 60_000  # "60KB" per record, in the stricter (decimal) reading
+CONTROL_CHARS = r"[\x00-\x1f\x7f-\x9f]+"
 
 CONTACT_SCHEMA = pa.schema(
     [
@@ -101,6 +116,11 @@ def _nonempty(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
     """Trimmed strings, with empty ones as null."""
     trimmed = pc.utf8_trim_whitespace(arr)
     return pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), pa.scalar(None, pa.string()), trimmed)
+
+
+def _name(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A name with its control characters replaced by a space, trimmed; empty as null."""
+    return _nonempty(pc.replace_substring_regex(arr, CONTROL_CHARS, " "))
 
 
 def _where(mask: Any, value: Any, typ: pa.DataType) -> pa.Array:
@@ -167,10 +187,12 @@ def to_contacts(staged: pa.Table, collection: str, force_optin: bool = False) ->
     c = staged.column
     record_id = contact_ids(staged)
     email = _nonempty(c("email_address"))
-    fname, lname = _nonempty(c("fname")), _nonempty(c("lname"))
+    fname, lname = _name(c("fname")), _name(c("lname"))
     no_name_fields = pc.and_(pc.is_null(fname), pc.is_null(lname))  # only then is full_name a fallback
     # Split only the names that are used: the regex costs more per row than most other columns.
-    first_from_name, rest_from_name = split_full_name(_where(no_name_fields, c("full_name"), pa.string()))
+    first_from_name, rest_from_name = split_full_name(
+        _where(no_name_fields, pc.replace_substring_regex(c("full_name"), CONTROL_CHARS, " "), pa.string())
+    )
     status = c("status")
     opted_out = pc.is_in(status, value_set=pa.array(OPTED_OUT_STATUSES))
     country = pc.utf8_upper(pc.coalesce(_nonempty(c("country_code")), _nonempty(c("address_country"))))
@@ -199,20 +221,13 @@ def to_contacts(staged: pa.Table, collection: str, force_optin: bool = False) ->
         schema=CONTACT_SCHEMA,
     )
 
-    size = pc.add(
-        pc.add(
-            pc.fill_null(pc.binary_length(pc.coalesce(records.column("properties_json"), "")), 0),
-            _text_bytes(records, ("id", "email", "firstname", "lastname", "phone_number")),
-        ),
-        RECORD_OVERHEAD_BYTES + len(collection.encode()),
-    )
     reason = pc.if_else(
         pc.is_null(record_id),
         "no stable id: contact_id and unique_email_id are empty",
-        pc.if_else(
+        _where(
             pc.invert(pc.fill_null(pc.match_substring_regex(email, EMAIL_PATTERN), False)),
             "email missing or not a valid address",
-            _where(pc.greater(size, MAX_RECORD_BYTES), "record over Ometria's 60 KB limit", pa.string()),
+            pa.string(),
         ),
     )
     valid = pc.is_null(reason)
@@ -229,13 +244,6 @@ def to_contacts(staged: pa.Table, collection: str, force_optin: bool = False) ->
         }
     )
     return good, dead
-
-
-def _text_bytes(table: pa.Table, names: tuple[str, ...]) -> pa.Array:
-    total = pa.scalar(0, pa.int32())
-    for name in names:
-        total = pc.add(total, pc.fill_null(pc.binary_length(table.column(name)), 0))
-    return total
 
 
 def record_dicts(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
@@ -258,6 +266,20 @@ def record_dicts(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
 def push_body(batch: pa.RecordBatch | pa.Table) -> bytes:
     """A push request body: the batch's records as a JSON array (timestamps as ISO 8601)."""
     return orjson.dumps(record_dicts(batch))
+
+
+def encode_records(records: list[dict[str, Any]]) -> tuple[list[tuple[int, bytes]], list[tuple[int, str]]]:
+    """(position, the exact bytes a push sends) of each record within Ometria's per-record limit
+    (`b"[" + b",".join(...) + b"]"` is the body orjson would write), and (position, reason) of the rest."""
+    encoded: list[tuple[int, bytes]] = []
+    too_large: list[tuple[int, str]] = []
+    for i, record in enumerate(records):
+        raw = orjson.dumps(record)
+        if len(raw) > MAX_RECORD_BYTES:
+            too_large.append((i, f"record over Ometria's 60 KB limit ({len(raw):,} bytes as sent)"))
+        else:
+            encoded.append((i, raw))
+    return encoded, too_large
 
 
 def tombstones(known: pa.RecordBatch | pa.Table, collection: str, when: datetime) -> list[dict[str, Any]]:

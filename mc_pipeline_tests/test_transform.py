@@ -10,7 +10,16 @@ import pyarrow as pa
 import pytest
 
 from mc_pipeline.staging import parse_page
-from mc_pipeline.transform import date_of_birth, map_optin, properties_json, push_body, to_contacts
+from mc_pipeline.transform import (
+    MAX_RECORD_BYTES,
+    date_of_birth,
+    encode_records,
+    map_optin,
+    properties_json,
+    push_body,
+    record_dicts,
+    to_contacts,
+)
 
 
 def member(**overrides: Any) -> dict[str, Any]:
@@ -150,16 +159,48 @@ def test_dead_letters_carry_their_reason() -> None:
         member(),
         member(id="2" * 32, contact_id="", unique_email_id=""),
         member(id="3" * 32, contact_id="f" * 32, email_address="not-an-email"),
-        member(id="4" * 32, contact_id="a" * 32, merge_fields={"NOTES": "x" * 70_000}),
+        member(id="4" * 32, contact_id="a" * 32, email_address="ada\x00@example.org"),
+        member(id="5" * 32, contact_id="b" * 32, email_address="ada@exam\x7fple.org"),
+        member(id="6" * 32, contact_id="d" * 32, email_address="ada\u0085x@example.org"),
     )
     assert good.num_rows == 1
     reasons = dict(zip(dead.column("member_id").to_pylist(), dead.column("reason").to_pylist(), strict=True))
     assert reasons == {
         "2" * 32: "no stable id: contact_id and unique_email_id are empty",
         "3" * 32: "email missing or not a valid address",
-        "4" * 32: "record over Ometria's 60 KB limit",
+        "4" * 32: "email missing or not a valid address",  # a NUL byte: pushed before, refused now
+        "5" * 32: "email missing or not a valid address",
+        "6" * 32: "email missing or not a valid address",
     }
     assert set(dead.column("stage").to_pylist()) == {"transform"}
+
+
+def test_control_characters_in_names_are_replaced_by_a_space() -> None:
+    good, _ = convert(
+        member(merge_fields={"FNAME": "Ada\x00", "LNAME": "Love\tlace\x1b[0m"}),
+        member(id="2" * 32, contact_id="b" * 32, full_name="Grace\x07 Hopper", merge_fields={}),
+    )
+    names = list(zip(good.column("firstname").to_pylist(), good.column("lastname").to_pylist(), strict=True))
+    assert names == [("Ada", "Love lace [0m"), ("Grace", "Hopper")]
+
+
+def test_the_size_limit_is_checked_on_the_exact_bytes_sent() -> None:
+    """JSON escapes a quote as two bytes and a control character as six: an estimate from the
+    text's length let these through, and Ometria refused the whole batch."""
+    quotes = member(merge_fields={"FNAME": '"' * 31_000})  # 31 KB of text, 62 KB as sent
+    controls = member(id="2" * 32, contact_id="b" * 32, merge_fields={"NOTES": "\x01" * 10_500})  # 63 KB
+    small = member(id="3" * 32, contact_id="d" * 32, merge_fields={"NOTES": "x" * 59_000})
+    good, dead = convert(quotes, controls, small)
+    assert good.num_rows == 3 and dead.num_rows == 0  # the size is judged where the bytes exist
+    records = record_dicts(good)
+    encoded, too_large = encode_records(records)
+    assert [p for p, _ in too_large] == [0, 1]
+    assert all("60 KB limit" in why and "bytes as sent" in why for _, why in too_large)
+    assert [p for p, _ in encoded] == [2]
+    assert encoded[0][1] == orjson.dumps(records[2])
+    assert all(len(orjson.dumps(records[p])) > MAX_RECORD_BYTES for p, _ in too_large)
+    body = b"[" + b",".join(raw for _, raw in encoded) + b"]"
+    assert body == orjson.dumps([records[2]])  # the body is exactly the bytes that were checked
 
 
 def _reference_properties(merge: dict[str, Any]) -> dict[str, Any] | None:

@@ -6,9 +6,8 @@ the next run's window starts from, so a failed or partial import never moves it.
 
 # No `from __future__ import annotations` here: Dagster reads these signatures at definition time.
 
-import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from mc_pipeline.assets.mailchimp import (
 )
 from mc_pipeline.assets.metadata import parquet_metadata
 from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers, Window
-from mc_pipeline.dead_letters import dead_letter, settle_run, write_run_file
+from mc_pipeline.dead_letters import settle_run, write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
@@ -104,10 +103,7 @@ def import_to_ometria(
     rejected: list[dict] = []
     if contacts.records:
         context.log.info(f"{run.partition}: pushing {contacts.records} contacts to Ometria ({contacts.collection})")
-        try:
-            rejected = _push_all(context, contacts, client, ometria, stats)
-        except ApiError as exc:
-            raise failure(exc) from None
+        rejected = _push_contacts(context, contacts, client, ometria, stats)
     else:
         context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
     folder = storage.run_folder(run.partition, run.run_id)
@@ -155,6 +151,8 @@ def import_to_ometria(
             "accepted": accepted,
             "rejected": contacts.records - accepted,
             "resent_to_isolate_rejections": stats.resent,
+            "failed_after_answer": stats.failed_after_answer,
+            "error_lookups": stats.lookups,
             "deleted_in_mailchimp_opted_out": deleted,
             "dead_letters": dead,
             **dead_md,
@@ -207,16 +205,8 @@ def _remember_and_reconcile(
             f"{run.partition}: {gone.num_rows} contacts pushed before are no longer in Mailchimp (deleted); "
             "opting them out in Ometria"
         )
-        om = ometria.client(client, logger=context.log)
-        try:
-            for batch in gone.to_batches(max_chunksize=MAX_RECORDS):
-                records = tombstones(batch, contacts.collection, run.window.before)
-                for record, reason in om.push_records(records, stats, list_id=run.list_id):
-                    dead.append(dead_letter("import", None, record.get("id"), f"Ometria: {reason}", record))
-        except ApiError as exc:
-            raise failure(exc) from None
-        finally:
-            om.close()
+        batches = [tombstones(b, contacts.collection, run.window.before) for b in gone.to_batches(MAX_RECORDS)]
+        dead = _push(context, client, ometria, stats, run.list_id, lambda: iter(batches))
     return gone.num_rows, dead
 
 
@@ -229,55 +219,47 @@ def _archived_watermark(window: Window) -> dict:
     return {}
 
 
-def _push_all(
+def _push_contacts(
     context: OpExecutionContext, contacts: ContactsFile, client, ometria: OmetriaResource, stats: PushStats
 ) -> list[dict]:
-    """Batches stream from Parquet to a few pusher threads; a bounded queue keeps memory flat.
-    Returns the dead letters of records Ometria rejected."""
-    source = pq.ParquetFile(contacts.path)
+    """Batches stream from Parquet to the client's pushers; the dead letters of what Ometria refused."""
+
+    def batches() -> Iterator[list[dict]]:
+        return (record_dicts(b) for b in pq.ParquetFile(contacts.path).iter_batches(batch_size=MAX_RECORDS))
+
+    def progress(s: PushStats) -> None:
+        context.log.info(
+            f"{contacts.run.partition}: {s.pushed}/{contacts.records} records pushed, "
+            f"{s.requests} requests, {s.throttled} throttled"
+        )
+
+    return _push(context, client, ometria, stats, contacts.run.list_id, batches, progress)
+
+
+def _push(
+    context: OpExecutionContext,
+    client,
+    ometria: OmetriaResource,
+    stats: PushStats,
+    list_id: str,
+    batches: Callable[[], Iterator[list[dict]]],
+    progress: Callable[[PushStats], None] | None = None,
+) -> list[dict]:
+    """One push with the client; `batches()` gives the same batches again to build the dead letters
+    (refusals name a batch and a place, so nothing is held in memory while pushing)."""
     om = ometria.client(client, logger=context.log)
-    slots = threading.BoundedSemaphore(ometria.workers * 2)
-    pending: set[Future] = set()
-    last_log = time.monotonic()
-    list_id = contacts.run.list_id
-    rejected: list[dict] = []
-    lock = threading.Lock()
-
-    def push(batch) -> None:
-        try:
-            for record, reason in om.push_records(record_dicts(batch), stats, list_id=list_id):
-                with lock:
-                    rejected.append(dead_letter("import", None, record.get("id"), f"Ometria: {reason}", record))
-        finally:
-            slots.release()
-
     try:
-        with ThreadPoolExecutor(ometria.workers, thread_name_prefix=f"om-{list_id}") as pool:
-            for batch in source.iter_batches(batch_size=MAX_RECORDS):
-                slots.acquire()
-                pending.add(pool.submit(push, batch))
-                done = {f for f in pending if f.done()}
-                for fut in done:
-                    fut.result()  # re-raise the first failure: auth and quota stop the import at once
-                pending -= done
-                if time.monotonic() - last_log >= 10:
-                    last_log = time.monotonic()
-                    context.log.info(
-                        f"{contacts.run.partition}: {stats.pushed}/{contacts.records} records pushed, "
-                        f"{stats.requests} requests, {stats.throttled} throttled"
-                    )
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in done:
-                fut.result()
-            for fut in pending:
-                fut.result()
-    except BaseException:
-        for fut in pending:
-            fut.cancel()
-        raise
+        outcome = om.push_batches(batches(), stats, list_id=list_id, progress=progress)
+    except ApiError as exc:
+        raise failure(exc) from None
     finally:
         om.close()
-    return rejected
+    if stats.failed_after_answer:
+        context.log.warning(
+            f"{client.id}:{list_id}: {stats.failed_after_answer} records accepted by Ometria's answer failed "
+            "its validation later (GET /push/_errors): dead letters, not recorded as held"
+        )
+    return outcome.dead_letters(batches()) if outcome.refused else []
 
 
 @graph_asset(

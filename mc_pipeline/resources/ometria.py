@@ -4,15 +4,19 @@ A push is an upsert by (@collection, id), so any batch may be sent again: a time
 Ometria stored a batch costs a rewrite, never a duplicate. Policy per request:
 - 429 (rate or backlog): wait `Retry-After` (the limiter holds every thread back), retry.
 - 5xx, timeouts, dropped connections, an unreadable answer: backoff with jitter, bounded.
-- 401/403 (key) and 402 (quota): stop the client's import at once. 400: the batch is refused.
+- 401/403 (key) and 402 (quota): stop the client's import at once: the stop flag is checked
+  before every attempt, so no thread of this client sends again. 400: the batch is refused.
+`push_batches` (in `ometria_push`) fans batches out and ties what Ometria refused to its records.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
-from typing import Any
+import threading
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, NoReturn
 
 import orjson
 import requests
@@ -25,31 +29,15 @@ from mc_pipeline.resources.errors import (
     OmetriaQuotaError,
     OmetriaUnavailable,
 )
-from mc_pipeline.resources.http import CallStats, HttpSettings, Retry, RetryPolicy, pooled_session
+from mc_pipeline.resources.http import HttpSettings, Retry, RetryPolicy, pooled_session
 from mc_pipeline.resources.limits import SlidingWindowLimiter, account_limiter, fingerprint
+from mc_pipeline.resources.ometria_push import LOOKUP_CHUNK, Fanout, PushOutcome, PushResult, PushStats, PushStopped
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.ometria.com/v2"
 MAX_RECORDS = 100
+DATA_API_RATE = 4.0  # requests per second per account for the data API (GET /push/_errors)
 _TRANSIENT = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
-
-
-@dataclass
-class PushStats(CallStats):
-    requests: int = 0
-    batches: int = 0
-    pushed: int = 0  # records in batches Ometria acknowledged
-    accepted: int = 0
-    rejected: int = 0
-    resent: int = 0  # records sent again to find which of a batch Ometria rejected
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class PushResult:
-    accepted: int
-    rejected: int
-    request_id: str | None
 
 
 class OmetriaClient:
@@ -72,6 +60,9 @@ class OmetriaClient:
         self.policy = policy
         self.log = logger or log
         self.limiter: SlidingWindowLimiter = account_limiter(f"ometria:{fingerprint(key)}", requests_per_second)
+        self.data_limiter = account_limiter(f"ometria-data:{fingerprint(key)}", DATA_API_RATE)
+        self.workers = pool_size
+        self.stop = threading.Event()  # set by the first refusal that stops this client's pushes
         self.session = pooled_session(pool_size, {"X-Ometria-Auth": key, "Content-Type": "application/json"})
         self._rng = random.Random()
 
@@ -84,7 +75,9 @@ class OmetriaClient:
             raise ValueError(f"a batch holds at most {MAX_RECORDS} records, not {n_records}")
 
         def before_attempt() -> None:
+            self._check_stop(list_id)
             self.limiter.acquire()  # every attempt, retries included, counts against the rate
+            self._check_stop(list_id)  # a refusal may have come while this thread waited its turn
             stats.add(requests=1)
 
         return self.policy.call(
@@ -97,34 +90,64 @@ class OmetriaClient:
             rng=self._rng,
         )
 
-    def push_records(
-        self, records: list[dict[str, Any]], stats: PushStats, *, list_id: str | None = None
-    ) -> list[tuple[dict[str, Any], str]]:
-        """Push a batch; if Ometria rejects some records, find which by halving the batch and
-        sending the halves again (safe: a push is an upsert), down to single records.
-        Returns the rejected records with Ometria's reason."""
-        result = self.push(orjson.dumps(records), len(records), stats, list_id=list_id)
-        if result.rejected == 0:
-            return []
-        if len(records) == 1:
-            return [(records[0], self.last_error() or "rejected by Ometria (no reason given)")]
-        half = len(records) // 2
-        stats.add(resent=len(records))
-        return self.push_records(records[:half], stats, list_id=list_id) + self.push_records(
-            records[half:], stats, list_id=list_id
-        )
+    def push_batches(
+        self,
+        batches: Iterable[list[dict[str, Any]]],
+        stats: PushStats,
+        *,
+        list_id: str | None = None,
+        progress: Callable[[PushStats], None] | None = None,
+    ) -> PushOutcome:
+        """Push every batch (lists of at most 100 records) with `workers` threads at the account's
+        rate; returns what Ometria refused, each tied to its batch and place. See `ometria_push`."""
+        return Fanout(self, stats, list_id=list_id, workers=self.workers, progress=progress).run(batches)
 
-    def last_error(self) -> str | None:
-        """The newest entry of GET /push/_errors: why the last rejected record was refused."""
+    def errors_of(self, request_ids: list[str], stats: PushStats, *, list_id: str | None = None) -> list[dict]:
+        """`GET /push/_errors` for these requests, `LOOKUP_CHUNK` at a time; only entries naming one of them."""
+        out: list[dict] = []
+
+        def before_attempt() -> None:
+            self._check_stop(list_id)
+            self.data_limiter.acquire()
+            stats.add(lookups=1)
+
+        for start in range(0, len(request_ids), LOOKUP_CHUNK):
+            out += self.policy.call(
+                partial(self._try_errors, request_ids[start : start + LOOKUP_CHUNK], list_id),
+                stats,
+                lambda message: OmetriaUnavailable(
+                    f"errors lookup: {message}", client_id=self.client_id, list_id=list_id
+                ),
+                before_attempt=before_attempt,
+                on_throttle=self.data_limiter.penalise,
+                log=self.log,
+                rng=self._rng,
+            )
+        return out
+
+    def _check_stop(self, list_id: str | None) -> None:
+        if self.stop.is_set():
+            raise PushStopped(
+                "stopped: another request of this account was refused", client_id=self.client_id, list_id=list_id
+            )
+
+    def _try_errors(self, request_ids: list[str], list_id: str | None) -> list[dict]:
         try:
-            resp = self.session.get(f"{self.base_url}/push/_errors", timeout=self.timeout)
-            errors = orjson.loads(resp.content) if resp.status_code == 200 else []
-        except (requests.RequestException, orjson.JSONDecodeError):
-            return None
-        if isinstance(errors, list) and errors and isinstance(errors[-1], dict):
-            last = errors[-1]
-            return f"{last.get('error_message', '')} at {last.get('error_path', '')}".strip()
-        return None
+            resp = self.session.get(
+                f"{self.base_url}/push/_errors", params=[("request_id", r) for r in request_ids], timeout=self.timeout
+            )
+            content = resp.content
+        except _TRANSIENT as exc:
+            raise Retry(type(exc).__name__) from None
+        if resp.status_code != 200:
+            self._raise_for(resp.status_code, content, resp, list_id)
+        try:
+            doc = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise Retry("200 with an unreadable errors list") from None
+        wanted = set(request_ids)  # an entry of another request is never attached to these
+        entries = doc if isinstance(doc, list) else []
+        return [e for e in entries if isinstance(e, dict) and e.get("request_id") in wanted]
 
     def _try(self, body: bytes, n: int, list_id: str | None, stats: PushStats) -> PushResult:
         """One POST: the result, `Retry` for what may pass later, an OmetriaError for what will not."""
@@ -144,6 +167,10 @@ class OmetriaClient:
                 raise Retry(f"answer counts {accepted}+{rejected} for a batch of {n}")
             stats.add(batches=1, pushed=n, accepted=accepted, rejected=rejected)
             return PushResult(accepted, rejected, doc.get("request_id"))
+        self._raise_for(status, content, resp, list_id)
+
+    def _raise_for(self, status: int, content: bytes, resp: requests.Response, list_id: str | None) -> NoReturn:
+        """A non-2xx answer: `Retry` for what may pass later, an OmetriaError for what will not."""
         message = _message(content) or resp.reason
         if status == 429:
             retry_after = resp.headers.get("Retry-After")

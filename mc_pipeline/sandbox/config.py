@@ -91,6 +91,11 @@ class OmetriaSettings(_Strict):
     reject_email_pattern: str | None = Field(
         None, description="a regex: contacts whose email matches are rejected (a stricter server-side rule)"
     )
+    late_reject_email_pattern: str | None = Field(
+        default=None,
+        description="a regex: contacts whose email matches are accepted by the answer, then fail validation "
+        "while processed (not stored; listed at /push/_errors)",
+    )
     latency: Latency = Field(default_factory=Latency)
     faults: Faults = Field(default_factory=Faults)
 

@@ -1,11 +1,27 @@
-"""The sandbox's Ometria: the push endpoint's validation, upsert store, rate and backlog limits."""
+"""The sandbox's Ometria: the push endpoint's validation, upsert store, rate and backlog limits.
+
+Modelled on Ometria's docs (Data API introduction, Push API, "List validation errors"):
+- per request: a JSON array of at most 100 records of one @type, each at most "60KB" (read
+  here as 60 KiB) or the whole request is refused: 400 "Payload invalid: Record is too large.";
+- the answer `{"status": "OK", "request_id", "accepted", "rejected"}` only says the request was
+  received: records are validated as they are processed, and failures are listed by
+  `GET /push/_errors` (the 100 most recent, `error_message` and `error_path`). The docs say the
+  request_id lets one look a request up but not how; the sandbox adds `request_id` to each entry
+  and answers `GET /push/_errors?request_id=..&request_id=..` with those requests' errors.
+- validation that fails after the answer: `late_reject_email_pattern` (counted accepted in the
+  answer, never stored, listed in the errors). Validation counted in the answer is today's
+  behaviour, kept (`reject_email_pattern` and the field rules below).
+Where the docs are silent (field lengths, which characters an address or a name may hold), the
+rules below are the sandbox's own: no whitespace or control character in an address, no control
+character in a name ("not a valid value" is the docs' example, at `root > lastname`).
+"""
 
 from __future__ import annotations
 
 import re
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,8 +33,12 @@ from mc_pipeline.sandbox.config import OmetriaSettings
 
 OPTIN_VALUES = frozenset({"EXPLICITLY_OPTEDIN", "NOT_SPECIFIED", "EXPLICITLY_OPTEDOUT"})
 TIMESTAMP_FIELDS = ("timestamp_acquired", "timestamp_subscribed", "timestamp_unsubscribed")
-# Deliberately strict on shape, lenient on characters: one @, a dotted domain, no spaces.
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$")
+# Deliberately strict on shape, lenient on characters: one @, a dotted domain, no spaces, no
+# control characters (C0, DEL, C1).
+_NOT_IN_ADDRESS = r"@\s\x00-\x1f\x7f-\x9f"
+_EMAIL = re.compile(rf"^[^{_NOT_IN_ADDRESS}]{{1,64}}@[^{_NOT_IN_ADDRESS}.]+(\.[^{_NOT_IN_ADDRESS}.]+)+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+REQUESTS_WITH_ERRORS_KEPT = 10_000  # for lookups by request_id; the unfiltered list keeps 100
 
 
 class PushRejected(Exception):
@@ -35,6 +55,7 @@ class OmetriaAccount:
     # connection for tens of milliseconds and skewed the rate window's arrival times).
     contacts: dict[str, dict[str, bytes]] = field(default_factory=dict)
     errors: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=100))
+    errors_by_request: OrderedDict[str, list[dict[str, str]]] = field(default_factory=OrderedDict)
     writes: int = 0  # records written, counting rewrites of the same id
     events: Counter[str] = field(default_factory=Counter)  # subscription events fired (sandbox/consent.py)
     revoked: bool = False
@@ -74,16 +95,21 @@ class OmetriaAccount:
             return True
 
     # ------------------------------------------------------------------ writes
-    def push(self, records: list[Any]) -> tuple[int, int]:
-        """Validate each record and upsert the good ones. Returns (accepted, rejected)."""
+    def push(self, records: list[Any], request_id: str = "") -> tuple[int, int]:
+        """Validate each record and upsert the good ones. Returns (accepted, rejected) as the answer
+        counts them: a record failing the late rule counts as accepted, but is not stored."""
         accepted = rejected = 0
+        late = self.settings.late_reject_email_pattern
         with self._lock:
             for i, record in enumerate(records):
                 problem = validate_contact(record, self.settings.reject_email_pattern)
+                if problem is None and late and _email_matches(record, late):
+                    accepted += 1
+                    self._error(request_id, i, "Field 'email' failed validation while processing", ".email")
+                    continue
                 if problem is not None:
                     rejected += 1
-                    message, path = problem
-                    self.errors.append({"error_message": message, "error_path": f"[{i}]{path}"})
+                    self._error(request_id, i, *problem)
                     continue
                 self._upsert(record)
                 self.writes += 1
@@ -153,6 +179,20 @@ class OmetriaAccount:
             raise KeyError(f"no contact {rid!r} in collection {collection!r}")
         return _subscription(orjson.loads(raw).get(consent.KEY))
 
+    def _error(self, request_id: str, index: int, message: str, path: str) -> None:
+        entry = {"error_message": message, "error_path": f"[{index}]{path}", "request_id": request_id}
+        self.errors.append(entry)
+        self.errors_by_request.setdefault(request_id, []).append(entry)
+        while len(self.errors_by_request) > REQUESTS_WITH_ERRORS_KEPT:
+            self.errors_by_request.popitem(last=False)
+
+    def errors_of(self, request_ids: list[str] | None) -> list[dict[str, str]]:
+        """The 100 most recent errors, or every error of the given requests."""
+        with self._lock:
+            if request_ids is None:
+                return list(self.errors)
+            return [e for rid in request_ids for e in self.errors_by_request.get(rid, ())]
+
     def snapshot(self, collection: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         with self._lock:
             names = [collection] if collection is not None else list(self.contacts)
@@ -164,6 +204,7 @@ class OmetriaAccount:
             self.contacts.clear()
             self.events.clear()
             self.errors.clear()
+            self.errors_by_request.clear()
             self.writes = 0
             self._arrivals.clear()
             self._backlog = 0.0
@@ -204,10 +245,14 @@ def check_batch(body: Any, settings: OmetriaSettings, raw_records: list[bytes] |
     return body
 
 
+def _email_matches(record: Any, pattern: str) -> bool:
+    email = record.get("email") if isinstance(record, dict) else None
+    return isinstance(email, str) and re.search(pattern, email) is not None
+
+
 def validate_contact(record: Any, reject_email_pattern: str | None = None) -> tuple[str, str] | None:
     """(message, path) for the first problem of a contact record, None if it is valid."""
-    email_value = record.get("email") if isinstance(record, dict) else None
-    if reject_email_pattern and isinstance(email_value, str) and re.search(reject_email_pattern, email_value):
+    if reject_email_pattern and _email_matches(record, reject_email_pattern):
         return f"Field 'email' is refused by this account's rules: {record['email'][:80]!r}", ".email"
     if not isinstance(record, dict):
         return "Record must be an object", ""
@@ -243,6 +288,9 @@ def validate_contact(record: Any, reject_email_pattern: str | None = None) -> tu
         value = record.get(name)
         if value is not None and not isinstance(value, str):
             return f"Field '{name}' must be a string", f".{name}"
+    for name in ("firstname", "lastname"):
+        if _CONTROL.search(record.get(name) or ""):
+            return f"Field '{name}' is not a valid value (control character)", f".{name}"
     return None
 
 

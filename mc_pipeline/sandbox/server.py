@@ -565,9 +565,10 @@ async def _om_admitted(state: SandboxState, account: OmetriaAccount, raw: bytes)
                 "Retry-After": "1",
             },
         ), kind
-    accepted, rejected = account.push(records)
+    request_id = str(uuid.uuid4())
+    accepted, rejected = account.push(records, request_id)
     queue_headers["X-QueueSize-Remaining"] = str(max(0, settings.backlog_limit - account.backlog()))
-    body_out = {"status": "OK", "request_id": str(uuid.uuid4()), "accepted": accepted, "rejected": rejected}
+    body_out = {"status": "OK", "request_id": request_id, "accepted": accepted, "rejected": rejected}
     if kind == "slow":
         kind = "store_then_slow"
     return Reply(202, orjson.dumps(body_out), JSON, queue_headers), kind
@@ -579,7 +580,9 @@ async def om_errors(request: web.Request) -> web.Response:
     account = state.om_by_key.get(key) if key else None
     if account is None:
         return web.json_response({"status": "ERROR", "message": "Unauthorized"}, status=401)
-    return web.json_response(list(account.errors))
+    # The 100 most recent errors; with `request_id` (repeatable) every error of those requests.
+    wanted = request.query.getall("request_id", [])
+    return web.json_response(account.errors_of(wanted or None))
 
 
 # ---------------------------------------------------------------------------- admin

@@ -7,9 +7,10 @@ import pytest
 
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.registry import YamlClientRegistry
-from mc_pipeline.resources.errors import OmetriaAuthError, OmetriaUnavailable
+from mc_pipeline.resources.errors import OmetriaAuthError, OmetriaQuotaError, OmetriaUnavailable
 from mc_pipeline.resources.limits import SlidingWindowLimiter
 from mc_pipeline.resources.ometria import OmetriaResource, PushStats
+from mc_pipeline.resources.ometria_push import OmetriaSystemicRejection
 
 FAST = OmetriaResource(backoff_base_s=0.01, backoff_cap_s=0.05)
 
@@ -115,3 +116,43 @@ def test_persistent_5xx_give_up_with_a_clear_error(small_env: LocalEnvironment) 
 def test_batches_over_one_hundred_are_refused_locally(small_env: LocalEnvironment) -> None:
     with pytest.raises(ValueError, match="at most 100"):
         client_of(small_env).push(b"[]", 101, PushStats())
+
+
+# ------------------------------------------------------------------------------------------ push_batches
+def test_a_request_refused_as_a_whole_without_naming_a_record_is_halved_within_the_budget(
+    small_env: LocalEnvironment,
+) -> None:
+    """A record of the wrong @type (a mapping bug) makes Ometria refuse its whole request, without
+    saying which record: the request is halved down to it; the other 99 arrive."""
+    sb = small_env.sandbox
+    batch = records(0, 100)
+    batch[37] = {"@type": "order", "@collection": "test", "id": "o1", "status": "complete"}
+    stats = PushStats()
+    outcome = client_of(small_env).push_batches([batch], stats)
+    assert [(r.batch, r.position) for r in outcome.refused] == [(0, 37)]
+    assert "@type" in outcome.refused[0].reason  # the last half of one is refused record by record
+    assert len(sb.ometria_contacts("client-1", "test")) == 99
+    assert stats.resent <= 14  # one halving: 2 requests per level, 7 levels
+
+
+def test_isolating_beyond_the_budget_is_one_systemic_failure(small_env: LocalEnvironment) -> None:
+    """Every other record of the wrong type: halving would cost hundreds of requests; it stops at
+    the budget with one failure naming Ometria's reason."""
+    sb = small_env.sandbox
+    batch = [
+        r if i % 2 else {"@type": "order", "@collection": "test", "id": f"o{i}"} for i, r in enumerate(records(0, 100))
+    ]
+    with pytest.raises(OmetriaSystemicRejection, match=r"client 'client-1'.*more than 14 extra requests.*mixed @type"):
+        client_of(small_env).push_batches([batch], PushStats(), list_id="0123456789")
+    assert sb.stats("ometria:client-1")["requests"] <= 1 + 15
+
+
+def test_a_refusal_stops_the_threads_waiting_to_retry(small_env: LocalEnvironment) -> None:
+    """Two batches wait out a 500's backoff when the third gets a 402: neither is sent again."""
+    sb = small_env.sandbox
+    sb.script_faults("client-1", ["500", "500", "402"])
+    slow_retries = OmetriaResource(backoff_base_s=1.0, backoff_cap_s=1.0)
+    with pytest.raises(OmetriaQuotaError, match="402"):
+        client_of(small_env, slow_retries).push_batches([records(b * 100, 100) for b in range(12)], PushStats())
+    assert sb.stats("ometria:client-1")["requests"] == 3
+    assert sb.ometria_contacts("client-1") == {}

@@ -145,6 +145,10 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("email without dot", {"email": "a@localhost"}, ".email"),
     ("email with two @", {"email": "a@@example.org"}, ".email"),
     ("email with space", {"email": "a b@example.org"}, ".email"),
+    ("email with a NUL byte", {"email": "a\x00b@example.org"}, ".email"),
+    ("email with DEL", {"email": "ab@exam\x7fple.org"}, ".email"),
+    ("firstname with a control character", {"firstname": "Ada\x1b"}, ".firstname"),
+    ("lastname with a NUL byte", {"lastname": "Love\x00lace"}, ".lastname"),
     ("no email nor customer id", {"email": None}, ".email"),
     ("unknown opt-in", {"marketing_optin": "YES"}, ".marketing_optin"),
     ("lower-case opt-in", {"marketing_optin": "explicitly_optedin"}, ".marketing_optin"),
@@ -167,15 +171,16 @@ class TestValidation:
             else:
                 bad[k] = v
         if change.get("@type") == "order":  # one type per request: a lone wrong record
-            ok(om_push(osb, [bad]), 0, 1)
+            answer = ok(om_push(osb, [bad]), 0, 1)
             expected_path = f"[0]{path}"
         else:
-            ok(om_push(osb, [contact("good-1"), bad, contact("good-2")]), 2, 1)
+            answer = ok(om_push(osb, [contact("good-1"), bad, contact("good-2")]), 2, 1)
             expected_path = f"[1]{path}"
             assert set(osb.ometria_contacts("client-1", "mailchimp-test")) == {"good-1", "good-2"}
         errs = errors(osb)
         assert len(errs) == 1
-        assert set(errs[0]) == {"error_message", "error_path"}
+        assert set(errs[0]) == {"error_message", "error_path", "request_id"}
+        assert errs[0]["request_id"] == answer["request_id"]
         assert errs[0]["error_path"] == expected_path
         assert errs[0]["error_message"]
 
@@ -197,6 +202,31 @@ class TestValidation:
     def test_request_ids_are_unique(self, osb: Sandbox) -> None:
         ids = {ok(om_push(osb, [contact(f"r{i}")]), 1)["request_id"] for i in range(5)}
         assert len(ids) == 5
+
+    def test_errors_by_request_id_are_those_requests_only(self, osb: Sandbox) -> None:
+        """Errors tied to their request: a lookup by request_id never returns another request's."""
+        first = ok(om_push(osb, [contact("a1", email="bad-a"), contact("a2")]), 1, 1)["request_id"]
+        ok(om_push(osb, [contact("b1", email="bad-b")]), 0, 1)  # a newer error, of another request
+        third = ok(om_push(osb, [contact("c1"), contact("c2"), contact("c3", email="bad-c")]), 2, 1)["request_id"]
+        r = requests.get(
+            f"{osb.ometria_url}/push/_errors",
+            params=[("request_id", first), ("request_id", third)],
+            headers={"X-Ometria-Auth": osb.client("client-1").ometria_key},
+            timeout=TIMEOUT,
+        )
+        got = [(e["request_id"], e["error_path"]) for e in r.json()]
+        assert got == [(first, "[0].email"), (third, "[2].email")]
+
+    def test_validation_after_the_answer(self, osb: Sandbox) -> None:
+        """Ometria's "OK" only says received: a record can fail when processed, seen only in the errors."""
+        osb.state.config.ometria.late_reject_email_pattern = r"^late"
+        try:
+            answer = ok(om_push(osb, [contact("x1", email="late@example.org"), contact("x2")]), 2, 0)
+        finally:
+            osb.state.config.ometria.late_reject_email_pattern = None
+        assert set(osb.ometria_contacts("client-1", "mailchimp-test")) == {"x2"}
+        errs = errors(osb)
+        assert [(e["request_id"], e["error_path"]) for e in errs] == [(answer["request_id"], "[0].email")]
 
     def test_errors_keep_the_last_100(self, osb: Sandbox) -> None:
         for batch in range(3):
