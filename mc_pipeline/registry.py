@@ -7,12 +7,15 @@ the YAML file without touching the assets.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Literal, Protocol, Self
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -31,7 +34,18 @@ class RegistryError(ValueError):
 
 
 class SecretError(RuntimeError):
-    """A secret reference that cannot be resolved; names the reference, never a value."""
+    """A secret that cannot be used; names the reference (and the client and field), never a value."""
+
+    def __init__(self, cause: str, *, client_id: str | None = None, field: str | None = None) -> None:
+        super().__init__(f"client {client_id!r} field {field}: {cause}" if client_id else cause)
+        self.cause = cause
+        self.client_id = client_id
+        self.field = field
+
+
+# A key is printable ASCII without spaces: anything else is a copy-paste or file-format accident, and
+# would reach the HTTP library (whose errors quote header values) or the server's logs.
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
 class SecretRef(BaseModel):
@@ -51,29 +65,137 @@ class SecretRef(BaseModel):
     def describe(self) -> str:
         return f"environment variable {self.env}" if self.env else f"secret file {self.file}"
 
-    def resolve(self) -> SecretStr:
+    def resolve(self, pattern: re.Pattern[str] | None = None, shape: str = "") -> SecretStr:
+        """The key, stripped of surrounding whitespace (a file's or a variable's trailing newline);
+        refused if empty, if it holds whitespace, control or non-ASCII characters inside, or if it
+        does not have the expected `shape` (`pattern`, a full match)."""
         if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
+            raw = os.environ.get(self.env)
+            if raw is None:
                 raise SecretError(f"{self.describe()} is not set")
         else:
-            path = Path(self.file or "")
             try:
-                value = path.read_text(encoding="utf-8").strip()
+                raw = Path(self.file or "").read_text(encoding="utf-8")
             except OSError as exc:
                 raise SecretError(f"{self.describe()} cannot be read ({exc.strerror})") from None
-            if not value:
-                raise SecretError(f"{self.describe()} is empty")
+            except UnicodeDecodeError:
+                raise SecretError(f"{self.describe()} is not UTF-8 text") from None
+        value = raw.strip()
+        if not value:
+            raise SecretError(f"{self.describe()} is empty")
+        if not _KEY_CHARS.fullmatch(value):
+            at, bad = next((i, c) for i, c in enumerate(value) if not _KEY_CHARS.fullmatch(c))
+            kind = (
+                "whitespace" if bad.isspace() else "a non-ASCII character" if ord(bad) > 127 else "a control character"
+            )
+            raise SecretError(
+                f"{self.describe()} holds {kind} inside the key (character {at + 1}); a key is printable ASCII"
+            )
+        if pattern is not None and not pattern.fullmatch(value):
+            raise SecretError(f"{self.describe()} is not {shape or 'a key of the expected form'}")
         return SecretStr(value)
 
 
-def _http_url(v: str | None) -> str | None:
-    if v is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
-        raise ValueError("must be an http(s) URL")
-    return v.rstrip("/") if v else v
+@dataclass(frozen=True)
+class Credentials:
+    """Both accounts' keys of a client, validated and normalised."""
+
+    mailchimp: SecretStr
+    ometria: SecretStr
 
 
-class MailchimpAccount(BaseModel):
+# --------------------------------------------------------------------------- API base URLs
+LOOPBACK_NAMES = ("localhost",)
+# Names that reach a cloud's instance metadata (and its credentials) or only a private network.
+INTERNAL_NAMES = ("metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal")
+INTERNAL_SUFFIXES = (".internal", ".local", ".localdomain", ".home.arpa", ".lan", ".intranet", ".corp")
+
+
+def address_refusal(address: str, allow_private_network: bool = False) -> str | None:
+    """Why a connection to this IP address is refused, or None: loopback (the sandbox) and public
+    addresses are allowed; link-local (cloud metadata), private and other non-public ranges only
+    with `allow_private_network`. Checked on the registry's URLs and on every connection's peer."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or (ip.is_global and not ip.is_multicast):
+        return None
+    if ip.is_unspecified or ip.is_multicast:
+        return f"{ip} is not an address a server has"
+    if allow_private_network:
+        return None
+    kind = "a link-local (cloud metadata) address" if ip.is_link_local else "a private or non-public address"
+    return f"{ip} is {kind}; set allow_private_network: true on the account if it really serves the API"
+
+
+def api_url(url: str, allow_private_network: bool = False) -> str:
+    """A base URL credentials may be sent to: https (plain http only to loopback, for the sandbox),
+    no user:password, query or fragment, no metadata or private host unless allowed. ValueError says why."""
+    if not re.fullmatch(r"https?://[\x21-\x7e]+", url):
+        raise ValueError("must be an http(s) URL of printable ASCII without spaces")
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials (user:password@): keys come from api_key")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or a fragment")
+    host = (parts.hostname or "").lower()
+    try:
+        parts.port  # noqa: B018 - validates the port
+        ip: str | None = str(ipaddress.ip_address(host)) if host else None
+    except ValueError:
+        ip = None
+    if not host:
+        raise ValueError("has no host")
+    loopback = host in LOOPBACK_NAMES or (ip is not None and ip_is_loopback(ip))
+    if parts.scheme != "https" and not loopback:
+        raise ValueError("must be https (plain http only to a loopback address, for the sandbox)")
+    if ip is not None:
+        reason = address_refusal(ip, allow_private_network)
+        if reason:
+            raise ValueError(reason)
+    elif (
+        not allow_private_network
+        and not loopback
+        and ("." not in host or host in INTERNAL_NAMES or host.endswith(INTERNAL_SUFFIXES))
+    ):
+        raise ValueError(
+            f"host {host} is an internal or metadata name; set allow_private_network: true on the account "
+            "if it really serves the API"
+        )
+    return url.rstrip("/")
+
+
+def ip_is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+def _base_url(v: str | None) -> str | None:
+    return api_url(v, allow_private_network=True) if v is not None else None  # the form; the hosts: below
+
+
+class ApiAccount(BaseModel):
+    """What both accounts share: where their key may be sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None = None
+    allow_private_network: bool = Field(
+        False, description="let base_url (and its DNS answers) be a private or link-local address, e.g. a proxy"
+    )
+
+    @model_validator(mode="after")
+    def _hosts(self) -> Self:
+        if self.base_url is not None:
+            try:
+                api_url(self.base_url, self.allow_private_network)
+            except ValueError as exc:
+                raise ValueError(f"base_url: {exc}") from None
+        return self
+
+
+class MailchimpAccount(ApiAccount):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     api_key: SecretRef
@@ -83,10 +205,13 @@ class MailchimpAccount(BaseModel):
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
     )
 
-    _url = field_validator("base_url")(lambda v: _http_url(v))
+    _url = field_validator("base_url")(lambda v: _base_url(v))
+
+    def resolve_key(self) -> SecretStr:
+        return self.api_key.resolve(MAILCHIMP_KEY_RE, "a Mailchimp key: 32 hex digits, '-', the datacenter (e.g. us6)")
 
 
-class OmetriaAccount(BaseModel):
+class OmetriaAccount(ApiAccount):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     api_key: SecretRef
@@ -98,7 +223,10 @@ class OmetriaAccount(BaseModel):
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
     )
 
-    _url = field_validator("base_url")(lambda v: _http_url(v))
+    _url = field_validator("base_url")(lambda v: _base_url(v))
+
+    def resolve_key(self) -> SecretStr:
+        return self.api_key.resolve()
 
 
 class Client(BaseModel):
@@ -118,6 +246,16 @@ class Client(BaseModel):
             if dupes:
                 raise ValueError(f"list ids repeated: {dupes}")
         return v
+
+    def credentials(self) -> Credentials:
+        """Both accounts' keys, read and checked now (before any request); SecretError names the field."""
+        keys = {}
+        for name, account in (("mailchimp", self.mailchimp), ("ometria", self.ometria)):
+            try:
+                keys[name] = account.resolve_key()
+            except SecretError as exc:
+                raise SecretError(exc.cause, client_id=self.id, field=f"{name}.api_key") from None
+        return Credentials(**keys)
 
     def collection(self, list_id: str) -> str:
         """Ometria `@collection` for one Mailchimp list: one collection per client list."""

@@ -23,6 +23,7 @@ from mc_pipeline.resources.errors import (
     OmetriaAuthError,
     OmetriaBatchRejected,
     OmetriaQuotaError,
+    OmetriaRequestError,
     OmetriaUnavailable,
 )
 from mc_pipeline.resources.http import CallStats, HttpSettings, Retry, RetryPolicy, pooled_session
@@ -64,6 +65,8 @@ class OmetriaClient:
         policy: RetryPolicy,
         pool_size: int,
         logger: Any = None,
+        allow_private_network: bool = False,
+        deadline_s: float | None = None,
     ) -> None:
         self.client_id = client_id
         key = api_key.get_secret_value()
@@ -72,7 +75,13 @@ class OmetriaClient:
         self.policy = policy
         self.log = logger or log
         self.limiter: SlidingWindowLimiter = account_limiter(f"ometria:{fingerprint(key)}", requests_per_second)
-        self.session = pooled_session(pool_size, {"X-Ometria-Auth": key, "Content-Type": "application/json"})
+        self.session = pooled_session(
+            pool_size,
+            {"X-Ometria-Auth": key, "Content-Type": "application/json"},
+            refused=lambda message: OmetriaRequestError(message, client_id=client_id),
+            allow_private_network=allow_private_network,
+            deadline_s=deadline_s,
+        )
         self._rng = random.Random()
 
     def close(self) -> None:
@@ -192,4 +201,6 @@ class OmetriaResource(HttpSettings):
             policy=self.retry_policy(),
             pool_size=self.workers,
             logger=logger,
+            allow_private_network=client.ometria.allow_private_network,
+            deadline_s=self.deadline_s,
         )
