@@ -144,7 +144,7 @@ def member_pages(
         # The members' first page is the probe: a revoked key or a deleted list fails on that one
         # request. Once it has answered, the archived sweep (usually a page or two) runs alongside
         # the remaining pages; both share the account's connections (one gate per account).
-        with mailchimp.client(client, logger=context.log, api_key=keys.mailchimp) as mc, ThreadPoolExecutor(1) as sweeps_pool:
+        with mailchimp.client(client, context.log, keys.mailchimp) as mc, ThreadPoolExecutor(1) as sweeps_pool:
             archived_future: list[Future[WindowFetch]] = []
             write_members = writer("members")
 
