@@ -251,6 +251,8 @@ class ApiSession(requests.Session):
         finally:
             timer.cancel()
             _current.watch = outer
+        if watch.expired:  # a cut-off answer can look complete (headers ended, a close-delimited body)
+            raise DeadlineExceeded(f"no complete answer from {host} within {deadline:g}s")
         if resp.is_redirect or 300 <= resp.status_code < 400:
             target = _host(urljoin(str(url), resp.headers.get("Location", "")))
             raise self.refused(
