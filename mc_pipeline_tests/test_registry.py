@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,52 @@ def test_partition_keys_round_trip_and_refuse_hostile_values() -> None:
     for bad in ("acme", "acme:1A2D7EBF82", "../x:1a2d7ebf82", "acme:1a2d7ebf82/..", "acme:http://x", ":"):
         with pytest.raises(ValueError, match="is not '<client_id>:<list_id>'"):
             parse_partition_key(bad)
+
+
+def _one_client(tmp_path: Path, mailchimp: str, ometria: str = "{api_key: {env: OM}}") -> Path:
+    return write(
+        tmp_path, f"clients:\n  - id: acme\n    mailchimp: {mailchimp}\n    ometria: {ometria}\n    lists: all\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://169.254.169.254/", "must be https"),
+        ("https://169.254.169.254/latest", "169.254.169.254 is a link-local (cloud metadata) address"),
+        ("https://[fd00:ec2::254]/", "is a private or non-public address"),
+        ("https://10.1.2.3/3.0", "10.1.2.3 is a private or non-public address"),
+        ("https://192.168.0.10/3.0", "is a private or non-public address"),
+        ("https://[::ffff:169.254.169.254]/", "link-local"),
+        ("https://metadata.google.internal/", "internal or metadata name"),
+        ("https://mailchimp-proxy/3.0", "internal or metadata name"),
+        ("http://us6.api.mailchimp.com/3.0", "must be https"),
+        ("https://user:pw@us6.api.mailchimp.com/3.0", "must not carry credentials"),
+        ("https://us6.api.mailchimp.com/3.0?apikey=x", "must not have a query"),
+        ("https://us6.api.mailchimp.com/3.0\n", "printable ASCII"),
+        ("ftp://us6.api.mailchimp.com/", "http(s) URL"),
+    ],
+)
+def test_base_urls_must_be_https_and_public(tmp_path: Path, url: str, reason: str) -> None:
+    path = _one_client(tmp_path, f"{{api_key: {{env: MC}}, base_url: {json.dumps(url)}}}")  # YAML reads JSON escapes
+    with pytest.raises(RegistryError, match="client 'acme' field mailchimp") as caught:
+        YamlClientRegistry(path).clients()
+    assert reason in str(caught.value) and "base_url" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080/3.0", "http://127.3.4.5/3.0", "http://[::1]:8080/v2", "http://localhost:1/v2"]
+)
+def test_plain_http_only_to_loopback(tmp_path: Path, url: str) -> None:
+    client = YamlClientRegistry(
+        _one_client(tmp_path, "{api_key: {env: MC}}", f"{{api_key: {{env: OM}}, base_url: {url!r}}}")
+    )
+    assert client.client("acme").ometria.base_url == url
+
+
+def test_a_private_base_url_needs_allow_private_network(tmp_path: Path) -> None:
+    entry = "{api_key: {env: MC}, base_url: 'https://10.1.2.3/3.0', allow_private_network: true}"
+    assert YamlClientRegistry(_one_client(tmp_path, entry)).client("acme").mailchimp.base_url == "https://10.1.2.3/3.0"
+    plain = "{api_key: {env: MC}, base_url: 'http://10.1.2.3/3.0', allow_private_network: true}"
+    with pytest.raises(RegistryError, match="must be https"):  # the flag allows the address, not plain http
+        YamlClientRegistry(_one_client(tmp_path, plain)).clients()

@@ -46,7 +46,7 @@ class Server:
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://{host}:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def answer(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path.split("?")[0]
