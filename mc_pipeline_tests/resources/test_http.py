@@ -139,7 +139,7 @@ def test_the_clients_turn_a_redirect_into_their_own_non_retryable_error(server: 
 def test_a_slow_drip_answer_ends_at_the_deadline(server: Server, path: str) -> None:
     session = pooled_session(1, {}, deadline_s=0.6)
     started = time.monotonic()
-    with pytest.raises(DeadlineExceeded, match="no complete answer from 127.0.0.1 within 0.6s"):
+    with pytest.raises(DeadlineExceeded, match=r"no complete answer from 127\.0\.0\.1 within 0\.6s"):
         session.get(f"{server.url}{path}", timeout=(2, 2))  # each read is far quicker than 2 s
     assert time.monotonic() - started < 1.5
     assert session.get(f"{server.url}/ok", timeout=(2, 2)).content == b"{}"  # the pool is still usable
