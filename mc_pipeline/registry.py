@@ -111,15 +111,18 @@ INTERNAL_NAMES = ("metadata", "metadata.google.internal", "instance-data", "inst
 INTERNAL_SUFFIXES = (".internal", ".local", ".localdomain", ".home.arpa", ".lan", ".intranet", ".corp")
 
 
-def address_refusal(address: str, allow_private_network: bool = False) -> str | None:
+def address_refusal(address: str, allow_private_network: bool = False, plain_http: bool = False) -> str | None:
     """Why a connection to this IP address is refused, or None: loopback (the sandbox) and public
     addresses are allowed; link-local (cloud metadata), private and other non-public ranges only
-    with `allow_private_network`. Checked on the registry's URLs and on every connection's peer."""
+    with `allow_private_network`; plain http never to a public address. Checked on the registry's
+    URLs and on every connection's peer (a DNS name can point anywhere)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_loopback or (ip.is_global and not ip.is_multicast):
+    if ip.is_loopback:
         return None
+    if ip.is_global and not ip.is_multicast:
+        return f"{ip} is a public address: plain http would carry the key in clear; use https" if plain_http else None
     if ip.is_unspecified or ip.is_multicast:
         return f"{ip} is not an address a server has"
     if allow_private_network:
@@ -129,8 +132,9 @@ def address_refusal(address: str, allow_private_network: bool = False) -> str | 
 
 
 def api_url(url: str, allow_private_network: bool = False) -> str:
-    """A base URL credentials may be sent to: https (plain http only to loopback, for the sandbox),
-    no user:password, query or fragment, no metadata or private host unless allowed. ValueError says why."""
+    """A base URL credentials may be sent to: https (plain http only to loopback, for the sandbox, or
+    within a private network that `allow_private_network` vouches for, e.g. a compose sandbox), no
+    user:password, query or fragment, no metadata or private host unless allowed. ValueError says why."""
     if not re.fullmatch(r"https?://[\x21-\x7e]+", url):
         raise ValueError("must be an http(s) URL of printable ASCII without spaces")
     parts = urlsplit(url)
@@ -146,11 +150,15 @@ def api_url(url: str, allow_private_network: bool = False) -> str:
         ip = None
     if not host:
         raise ValueError("has no host")
-    loopback = host in LOOPBACK_NAMES or (ip is not None and ip_is_loopback(ip))
-    if parts.scheme != "https" and not loopback:
-        raise ValueError("must be https (plain http only to a loopback address, for the sandbox)")
+    loopback = is_loopback_url(url)
+    plain = parts.scheme != "https"
+    if plain and not loopback and not allow_private_network:
+        raise ValueError(
+            "must be https (plain http only to a loopback address, or to a private network the account "
+            "allows with allow_private_network: true)"
+        )
     if ip is not None:
-        reason = address_refusal(ip, allow_private_network)
+        reason = address_refusal(ip, allow_private_network, plain)
         if reason:
             raise ValueError(reason)
     elif (
@@ -163,6 +171,14 @@ def api_url(url: str, allow_private_network: bool = False) -> str:
             "if it really serves the API"
         )
     return url.rstrip("/")
+
+
+def is_loopback_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    try:
+        return host in LOOPBACK_NAMES or ip_is_loopback(host)
+    except ValueError:
+        return False
 
 
 def ip_is_loopback(address: str) -> bool:

@@ -155,8 +155,9 @@ def test_plain_http_only_to_loopback(tmp_path: Path, url: str) -> None:
 
 
 def test_a_private_base_url_needs_allow_private_network(tmp_path: Path) -> None:
-    entry = "{api_key: {env: MC}, base_url: 'https://10.1.2.3/3.0', allow_private_network: true}"
-    assert YamlClientRegistry(_one_client(tmp_path, entry)).client("acme").mailchimp.base_url == "https://10.1.2.3/3.0"
-    plain = "{api_key: {env: MC}, base_url: 'http://10.1.2.3/3.0', allow_private_network: true}"
-    with pytest.raises(RegistryError, match="must be https"):  # the flag allows the address, not plain http
-        YamlClientRegistry(_one_client(tmp_path, plain)).clients()
+    for url in ("https://10.1.2.3/3.0", "http://10.1.2.3/3.0", "http://sandbox:8080/3.0"):  # e.g. a compose sandbox
+        entry = f"{{api_key: {{env: MC}}, base_url: '{url}', allow_private_network: true}}"
+        assert YamlClientRegistry(_one_client(tmp_path, entry)).client("acme").mailchimp.base_url == url
+    public = "{api_key: {env: MC}, base_url: 'http://8.8.8.8/3.0', allow_private_network: true}"
+    with pytest.raises(RegistryError, match=r"8\.8\.8\.8 is a public address: plain http"):  # never in clear
+        YamlClientRegistry(_one_client(tmp_path, public)).clients()

@@ -160,12 +160,13 @@ class _Guarded:
     metadata or private address), and each request is tied to its thread's deadline."""
 
     watch: _Watch | None = None
+    plain_http = True
 
     def _new_conn(self) -> socket.socket:
         sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         watch: _Watch | None = getattr(_current, "watch", None)
         peer = sock.getpeername()[0]
-        reason = address_refusal(peer, watch.allow_private_network if watch else False)
+        reason = address_refusal(peer, watch.allow_private_network if watch else False, self.plain_http)
         if reason:
             sock.close()
             raise _AddressRefused(f"{getattr(self, 'host', '?')} resolved to {reason}")
@@ -184,7 +185,7 @@ class _Conn(_Guarded, HTTPConnection):
 
 
 class _HttpsConn(_Guarded, HTTPSConnection):
-    pass
+    plain_http = False
 
 
 class _PoolMixin:
