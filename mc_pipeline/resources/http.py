@@ -19,6 +19,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
+import orjson
 import requests
 from dagster import ConfigurableResource
 from pydantic import Field
@@ -26,7 +27,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from mc_pipeline.registry import address_refusal
+from mc_pipeline.network import address_refusal
 from mc_pipeline.resources.limits import backoff_delay
 
 T = TypeVar("T")
@@ -288,6 +289,18 @@ def server_time(resp: requests.Response) -> datetime | None:
         return parsedate_to_datetime(value).astimezone(UTC)
     except (TypeError, ValueError):
         return None
+
+
+def json_object(resp: requests.Response) -> dict[str, Any] | None:
+    """The body as a JSON object if it is one (an error answer's problem document), else None."""
+    ctype = resp.headers.get("Content-Type", "")
+    if "json" not in ctype:
+        return None
+    try:
+        doc = orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def retry_after(resp: requests.Response) -> float | None:

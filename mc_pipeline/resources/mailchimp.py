@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import requests
 from pydantic import Field, SecretStr
 
 from mc_pipeline.registry import MAILCHIMP_KEY_RE, Client
@@ -38,6 +37,7 @@ from mc_pipeline.resources.http import (
     RequestRefused,
     Retry,
     RetryPolicy,
+    json_object,
     pooled_session,
     retry_after,
     server_time,
@@ -153,12 +153,8 @@ class MailchimpClient:
         self.policy = policy
         self.log = logger or log
         self.gate = account_gate(f"mailchimp:{fingerprint(key)}", max_connections)
-        self.session = pooled_session(
-            max_connections,
-            {"Accept-Encoding": "gzip, deflate"},
-            allow_private_network=allow_private_network,
-            deadline_s=deadline_s,
-        )
+        private, headers = allow_private_network, {"Accept-Encoding": "gzip, deflate"}
+        self.session = pooled_session(max_connections, headers, allow_private_network=private, deadline_s=deadline_s)
         self.session.auth = ("mc-pipeline", key)  # Basic: any user name, the key as password
         self._rng = random.Random()
 
@@ -200,7 +196,7 @@ class MailchimpClient:
                 return Response(body, orjson.loads(body), server_time(resp))
             except orjson.JSONDecodeError:
                 raise Retry(f"malformed JSON ({len(body)} bytes)") from None
-        problem = _problem(resp)
+        problem = json_object(resp)
         if status == 429:
             raise Retry("429 Too Many Requests", retry_after(resp), throttle=True)
         if status == 403 and problem is None:
@@ -372,17 +368,6 @@ class MailchimpClient:
         if status is not None:
             params["status"] = status
         return params
-
-
-def _problem(resp: requests.Response) -> dict[str, Any] | None:
-    ctype = resp.headers.get("Content-Type", "")
-    if "json" not in ctype:
-        return None
-    try:
-        doc = orjson.loads(resp.content)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 class MailchimpResource(HttpSettings):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mc_pipeline.registry import is_loopback_url, write_registry
+from mc_pipeline.network import is_loopback_url
+from mc_pipeline.registry import write_registry
 from mc_pipeline.sandbox.config import SandboxConfig
 
 
