@@ -317,6 +317,8 @@ def test_keys_never_leave_the_environment_on_postgres(
         assert "holds a non-ASCII character inside the key" in output
         assert [m for m in markers if m in output] == []
         assert [m for m in markers if m in json.dumps(_Hook.received)] == []
+        compute_logs = [p for p in home.rglob("*") if p.suffix in (".err", ".out")]
+        assert compute_logs and any(b"holds a control character" in p.read_bytes() for p in compute_logs)
         assert search(home, markers) == []  # compute logs and anything else the instance wrote
         assert search(env.data_dir, markers) == []
         dump = subprocess.run(
