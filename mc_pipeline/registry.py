@@ -105,7 +105,8 @@ class Credentials:
 
 
 def _base_url(v: str | None) -> str | None:
-    return api_url(v, allow_private_network=True) if v is not None else None  # the form; the hosts: below
+    # Its form here; whether its host may be used depends on allow_private_network: ApiAccount._hosts.
+    return api_url(v, allow_private_network=True) if v is not None else None
 
 
 class ApiAccount(BaseModel):
@@ -115,7 +116,9 @@ class ApiAccount(BaseModel):
 
     base_url: str | None = None
     allow_private_network: bool = Field(
-        False, description="let base_url (and its DNS answers) be a private or link-local address, e.g. a proxy"
+        False,
+        description="let base_url (and its DNS answers) be a private or link-local address, over http too: "
+        "a proxy or the compose sandbox; never needed for the real APIs",
     )
 
     @model_validator(mode="after")
