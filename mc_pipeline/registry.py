@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Literal, Protocol, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from mc_pipeline.network import api_url
 
 # Every pattern matches a whole value. Python's `$` also matches before a final newline (so
 # 'acme:1a2d7ebf82\n' passed), hence `\A...\Z` in the compiled patterns; pydantic's `pattern=`
@@ -36,7 +39,18 @@ class RegistryError(ValueError):
 
 
 class SecretError(RuntimeError):
-    """A secret reference that cannot be resolved; names the reference, never a value."""
+    """A secret that cannot be used; names the reference (and the client and field), never a value."""
+
+    def __init__(self, cause: str, *, client_id: str | None = None, field: str | None = None) -> None:
+        super().__init__(f"client {client_id!r} field {field}: {cause}" if client_id else cause)
+        self.cause = cause
+        self.client_id = client_id
+        self.field = field
+
+
+# A key is printable ASCII without spaces: anything else is a copy-paste or file-format accident, and
+# would reach the HTTP library (whose errors quote header values) or the server's logs.
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
 class SecretRef(BaseModel):
@@ -56,29 +70,73 @@ class SecretRef(BaseModel):
     def describe(self) -> str:
         return f"environment variable {self.env}" if self.env else f"secret file {self.file}"
 
-    def resolve(self) -> SecretStr:
+    def resolve(self, pattern: re.Pattern[str] | None = None, shape: str = "") -> SecretStr:
+        """The key, stripped of surrounding whitespace (a file's or a variable's trailing newline);
+        refused if empty, if it holds whitespace, control or non-ASCII characters inside, or if it
+        does not have the expected `shape` (`pattern`, a full match)."""
         if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
+            raw = os.environ.get(self.env)
+            if raw is None:
                 raise SecretError(f"{self.describe()} is not set")
         else:
-            path = Path(self.file or "")
             try:
-                value = path.read_text(encoding="utf-8").strip()
+                raw = Path(self.file or "").read_text(encoding="utf-8")
             except OSError as exc:
                 raise SecretError(f"{self.describe()} cannot be read ({exc.strerror})") from None
-            if not value:
-                raise SecretError(f"{self.describe()} is empty")
+            except UnicodeDecodeError:
+                raise SecretError(f"{self.describe()} is not UTF-8 text") from None
+        value = raw.strip()
+        if not value:
+            raise SecretError(f"{self.describe()} is empty")
+        if not _KEY_CHARS.fullmatch(value):
+            at, bad = next((i, c) for i, c in enumerate(value) if not _KEY_CHARS.fullmatch(c))
+            kind = (
+                "whitespace" if bad.isspace() else "a non-ASCII character" if ord(bad) > 127 else "a control character"
+            )
+            raise SecretError(
+                f"{self.describe()} holds {kind} inside the key (character {at + 1}); a key is printable ASCII"
+            )
+        if pattern is not None and not pattern.fullmatch(value):
+            raise SecretError(f"{self.describe()} is not {shape or 'a key of the expected form'}")
         return SecretStr(value)
 
 
-def _http_url(v: str | None) -> str | None:
-    if v is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
-        raise ValueError("must be an http(s) URL")
-    return v.rstrip("/") if v else v
+@dataclass(frozen=True)
+class Credentials:
+    """Both accounts' keys of a client, validated and normalised."""
+
+    mailchimp: SecretStr
+    ometria: SecretStr
 
 
-class MailchimpAccount(BaseModel):
+def _base_url(v: str | None) -> str | None:
+    # Its form here; whether its host may be used depends on allow_private_network: ApiAccount._hosts.
+    return api_url(v, allow_private_network=True) if v is not None else None
+
+
+class ApiAccount(BaseModel):
+    """What both accounts share: where their key may be sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None = None
+    allow_private_network: bool = Field(
+        False,
+        description="let base_url (and its DNS answers) be a private or link-local address, over http too: "
+        "a proxy or the compose sandbox; never needed for the real APIs",
+    )
+
+    @model_validator(mode="after")
+    def _hosts(self) -> Self:
+        if self.base_url is not None:
+            try:
+                api_url(self.base_url, self.allow_private_network)
+            except ValueError as exc:
+                raise ValueError(f"base_url: {exc}") from None
+        return self
+
+
+class MailchimpAccount(ApiAccount):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     api_key: SecretRef
@@ -88,10 +146,13 @@ class MailchimpAccount(BaseModel):
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
     )
 
-    _url = field_validator("base_url")(lambda v: _http_url(v))
+    _url = field_validator("base_url")(lambda v: _base_url(v))
+
+    def resolve_key(self) -> SecretStr:
+        return self.api_key.resolve(MAILCHIMP_KEY_RE, "a Mailchimp key: 32 hex digits, '-', the datacenter (e.g. us6)")
 
 
-class OmetriaAccount(BaseModel):
+class OmetriaAccount(ApiAccount):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     api_key: SecretRef
@@ -109,7 +170,10 @@ class OmetriaAccount(BaseModel):
         "consent (see transform.py)",
     )
 
-    _url = field_validator("base_url")(lambda v: _http_url(v))
+    _url = field_validator("base_url")(lambda v: _base_url(v))
+
+    def resolve_key(self) -> SecretStr:
+        return self.api_key.resolve()
 
 
 class Client(BaseModel):
@@ -129,6 +193,16 @@ class Client(BaseModel):
             if dupes:
                 raise ValueError(f"list ids repeated: {dupes}")
         return v
+
+    def credentials(self) -> Credentials:
+        """Both accounts' keys, read and checked now (before any request); SecretError names the field."""
+        keys = {}
+        for name, account in (("mailchimp", self.mailchimp), ("ometria", self.ometria)):
+            try:
+                keys[name] = account.resolve_key()
+            except SecretError as exc:
+                raise SecretError(exc.cause, client_id=self.id, field=f"{name}.api_key") from None
+        return Credentials(**keys)
 
     def collection(self, list_id: str) -> str:
         """Ometria `@collection` for one Mailchimp list: one collection per client list."""

@@ -109,6 +109,10 @@ def member_pages(
     partition = context.partition_key
     run_id = context.run.run_id
     client, list_id = registry.client_for_partition(partition)
+    try:  # both accounts' keys, before any request: a bad Ometria key must not wait for the whole fetch
+        keys = registry.credentials(client, list_id)
+    except ApiError as exc:
+        raise failure(exc) from None
     since, archived_since = (None, None) if config.full_refresh else latest_watermarks(context.instance, partition)
     folder = storage.run_folder(partition, run_id)
     folder.pages.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,7 @@ def member_pages(
         # The members' first page is the probe: a revoked key or a deleted list fails on that one
         # request. Once it has answered, the archived sweep (usually a page or two) runs alongside
         # the remaining pages; both share the account's connections (one gate per account).
-        with mailchimp.client(client, logger=context.log) as mc, ThreadPoolExecutor(1) as sweeps_pool:
+        with mailchimp.client(client, context.log, keys.mailchimp) as mc, ThreadPoolExecutor(1) as sweeps_pool:
             archived_future: list[Future[WindowFetch]] = []
             write_members = writer("members")
 

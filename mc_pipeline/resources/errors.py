@@ -2,6 +2,8 @@
 
 `retryable` says whether a later run could succeed without anyone changing anything; the
 failure sensor and the alerts use it to tell "fix the credentials" from "it will pass".
+A cause is our own text: never an HTTP library's exception message, which can quote a header
+(a key) or a URL (see `ApiSession` in http.py, which turns those into safe exceptions).
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ class ApiError(Exception):
         self.list_id = list_id
         self.status = status
         self.cause = message
+
+
+class CredentialError(ApiError):
+    """A key that is missing, unreadable or malformed: found before the first request. Not retried."""
+
+    service = "Credentials of"
 
 
 class MailchimpError(ApiError):
@@ -52,6 +60,10 @@ class OmetriaAuthError(OmetriaError):
 
 class OmetriaQuotaError(OmetriaError):
     """402 or another quota-type refusal. The client's import stops at once."""
+
+
+class OmetriaRequestError(OmetriaError):
+    """A request that could not be sent or was redirected: the registry's URL or key is wrong. Not retried."""
 
 
 class OmetriaBatchRejected(OmetriaError):

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
-import requests
 from pydantic import Field, SecretStr
 
 from mc_pipeline.registry import MAILCHIMP_KEY_RE, Client
@@ -33,7 +30,17 @@ from mc_pipeline.resources.errors import (
     MailchimpRequestError,
     MailchimpUnavailable,
 )
-from mc_pipeline.resources.http import HttpSettings, Retry, RetryPolicy, pooled_session
+from mc_pipeline.resources.http import (
+    TRANSIENT,
+    HttpSettings,
+    RequestRefused,
+    Retry,
+    RetryPolicy,
+    json_object,
+    pooled_session,
+    retry_after,
+    server_time,
+)
 from mc_pipeline.resources.limits import account_gate, backoff_delay, fingerprint
 from mc_pipeline.resources.paging import FetchStats, Page, WindowFetch, covered, gaps_below
 
@@ -59,17 +66,11 @@ MEMBER_FIELDS: tuple[str, ...] = (
     "tags",
 )
 MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["total_items"])
-_TRANSIENT = (
-    requests.Timeout,
-    requests.ConnectionError,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-)
 
 
 def datacenter_url(api_key: str) -> str:
     """`...-us6` -> `https://us6.api.mailchimp.com/3.0`."""
-    match = MAILCHIMP_KEY_RE.match(api_key)
+    match = MAILCHIMP_KEY_RE.fullmatch(api_key)
     if not match:
         raise ValueError("the Mailchimp key is not of the form <32 hex>-<datacenter>")
     return f"https://{match.group(1)}.api.mailchimp.com/3.0"
@@ -102,6 +103,8 @@ class MailchimpClient:
         overlap: int = 20,
         max_passes: int = 3,
         logger: Any = None,
+        allow_private_network: bool = False,
+        deadline_s: float | None = None,
     ) -> None:
         self.client_id = client_id
         self.overlap = overlap
@@ -114,7 +117,8 @@ class MailchimpClient:
         self.policy = policy
         self.log = logger or log
         self.gate = account_gate(f"mailchimp:{fingerprint(key)}", max_connections)
-        self.session = pooled_session(max_connections, {"Accept-Encoding": "gzip, deflate"})
+        private, headers = allow_private_network, {"Accept-Encoding": "gzip, deflate"}
+        self.session = pooled_session(max_connections, headers, allow_private_network=private, deadline_s=deadline_s)
         self.session.auth = ("mc-pipeline", key)  # Basic: any user name, the key as password
         self._rng = random.Random()
 
@@ -145,20 +149,22 @@ class MailchimpClient:
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout)
                 body = resp.content
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 raise Retry(type(exc).__name__) from None
+            except RequestRefused as exc:  # its text is ours (see ApiSession): a redirect, a refused address
+                raise MailchimpRequestError(str(exc), client_id=self.client_id, list_id=list_id) from None
         stats.add(bytes=len(body))
         status = resp.status_code
         if status == 200:
             try:
-                return Response(body, orjson.loads(body), _server_time(resp))
+                return Response(body, orjson.loads(body), server_time(resp))
             except orjson.JSONDecodeError:
                 raise Retry(f"malformed JSON ({len(body)} bytes)") from None
-        problem = _problem(resp)
+        problem = json_object(resp)
         if status == 429:
-            raise Retry("429 Too Many Requests", _retry_after(resp), throttle=True)
+            raise Retry("429 Too Many Requests", retry_after(resp), throttle=True)
         if status == 403 and problem is None:
-            raise Retry("403 without a problem document (edge throttling)", _retry_after(resp), throttle=True)
+            raise Retry("403 without a problem document (edge throttling)", retry_after(resp), throttle=True)
         if status >= 500:
             raise Retry(f"{status} {problem.get('title', '') if problem else resp.reason}".strip())
         title = problem.get("title", resp.reason) if problem else resp.reason
@@ -343,34 +349,6 @@ class MailchimpClient:
         return params
 
 
-def _server_time(resp: requests.Response) -> datetime | None:
-    value = resp.headers.get("Date")
-    if not value:
-        return None
-    try:
-        return parsedate_to_datetime(value).astimezone(UTC)
-    except (TypeError, ValueError):
-        return None
-
-
-def _problem(resp: requests.Response) -> dict[str, Any] | None:
-    ctype = resp.headers.get("Content-Type", "")
-    if "json" not in ctype:
-        return None
-    try:
-        doc = orjson.loads(resp.content)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if value and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
-        return min(float(value), 120.0)
-    return None
-
-
 class MailchimpResource(HttpSettings):
     """HTTP settings for every Mailchimp account; credentials come per client from the registry."""
 
@@ -381,11 +359,13 @@ class MailchimpResource(HttpSettings):
     max_passes: int = Field(3, ge=1, description="pagings of a window that kept shrinking before the run fails")
     sweep_archived: bool = Field(True, description="also fetch members archived since the last sweep (opt-outs)")
 
-    def client(self, client: Client, logger: Any = None) -> MailchimpClient:
+    def client(self, client: Client, logger: Any = None, api_key: SecretStr | None = None) -> MailchimpClient:
         return MailchimpClient(
             client_id=client.id,
-            api_key=client.mailchimp.api_key.resolve(),
+            api_key=api_key or client.mailchimp.resolve_key(),
             base_url=client.mailchimp.base_url,
+            allow_private_network=client.mailchimp.allow_private_network,
+            deadline_s=self.deadline_s,
             max_connections=self.max_connections or client.mailchimp.max_connections,
             page_size=self.page_size,
             timeout=self.timeouts(),

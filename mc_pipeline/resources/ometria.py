@@ -27,6 +27,7 @@ from mc_pipeline.resources.errors import (
     OmetriaAuthError,
     OmetriaBatchRejected,
     OmetriaQuotaError,
+    OmetriaRequestError,
     OmetriaUnavailable,
 )
 from mc_pipeline.resources.http import HttpSettings, Retry, RetryPolicy, pooled_session
@@ -52,6 +53,8 @@ class OmetriaClient:
         policy: RetryPolicy,
         pool_size: int,
         logger: Any = None,
+        allow_private_network: bool = False,
+        deadline_s: float | None = None,
     ) -> None:
         self.client_id = client_id
         key = api_key.get_secret_value()
@@ -63,7 +66,13 @@ class OmetriaClient:
         self.data_limiter = account_limiter(f"ometria-data:{fingerprint(key)}", DATA_API_RATE)
         self.workers = pool_size
         self.stop = threading.Event()  # set by the first refusal that stops this client's pushes
-        self.session = pooled_session(pool_size, {"X-Ometria-Auth": key, "Content-Type": "application/json"})
+        self.session = pooled_session(
+            pool_size,
+            {"X-Ometria-Auth": key, "Content-Type": "application/json"},
+            refused=lambda message: OmetriaRequestError(message, client_id=client_id),
+            allow_private_network=allow_private_network,
+            deadline_s=deadline_s,
+        )
         self._rng = random.Random()
 
     def close(self) -> None:
@@ -219,4 +228,6 @@ class OmetriaResource(HttpSettings):
             policy=self.retry_policy(),
             pool_size=self.workers,
             logger=logger,
+            allow_private_network=client.ometria.allow_private_network,
+            deadline_s=self.deadline_s,
         )

@@ -7,7 +7,16 @@ from functools import cached_property
 from dagster import ConfigurableResource, Failure
 from pydantic import Field, PrivateAttr
 
-from mc_pipeline.registry import Client, ClientRegistry, RegistryError, YamlClientRegistry, parse_partition_key
+from mc_pipeline.registry import (
+    Client,
+    ClientRegistry,
+    Credentials,
+    RegistryError,
+    SecretError,
+    YamlClientRegistry,
+    parse_partition_key,
+)
+from mc_pipeline.resources.errors import CredentialError
 
 
 class ClientRegistryResource(ConfigurableResource):
@@ -32,3 +41,12 @@ class ClientRegistryResource(ConfigurableResource):
                 allow_retries=False,
             )
         return client, list_id
+
+    def credentials(self, client: Client, list_id: str) -> Credentials:
+        """Both accounts' keys, resolved before the first request of a run: a missing variable, an
+        unreadable file or a malformed key fails the run at once (not after the whole fetch), as a
+        CredentialError (not retryable) naming the client, the list, the field and the reference."""
+        try:
+            return client.credentials()
+        except SecretError as exc:
+            raise CredentialError(f"{exc.field}: {exc.cause}", client_id=client.id, list_id=list_id) from None

@@ -36,7 +36,7 @@ TIMESTAMP_FIELDS = ("timestamp_acquired", "timestamp_subscribed", "timestamp_uns
 # Deliberately strict on shape, lenient on characters: one @, a dotted domain, no spaces, no
 # control characters (C0, DEL, C1).
 _NOT_IN_ADDRESS = r"@\s\x00-\x1f\x7f-\x9f"
-_EMAIL = re.compile(rf"^[^{_NOT_IN_ADDRESS}]{{1,64}}@[^{_NOT_IN_ADDRESS}.]+(\.[^{_NOT_IN_ADDRESS}.]+)+$")
+_EMAIL = re.compile(rf"^[^{_NOT_IN_ADDRESS}]{{1,64}}@[^{_NOT_IN_ADDRESS}.]+(\.[^{_NOT_IN_ADDRESS}.]+)+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 REQUESTS_WITH_ERRORS_KEPT = 10_000  # for lookups by request_id; the unfiltered list keeps 100
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mc_pipeline.network import is_loopback_url
 from mc_pipeline.registry import write_registry
 from mc_pipeline.sandbox.config import SandboxConfig
 
@@ -16,14 +17,16 @@ def key_env_names(client_id: str) -> tuple[str, str]:
 
 
 def registry_entries(config: SandboxConfig, base_url: str) -> list[dict[str, object]]:
+    # A sandbox off this host (a compose service) is on a private network over plain http: say so.
+    private = {} if is_loopback_url(base_url) else {"allow_private_network": True}
     entries: list[dict[str, object]] = []
     for acc in config.accounts:
         mc_env, om_env = key_env_names(acc.client_id)
         entries.append(
             {
                 "id": acc.client_id,
-                "mailchimp": {"api_key": {"env": mc_env}, "base_url": f"{base_url}/3.0"},
-                "ometria": {"api_key": {"env": om_env}, "base_url": f"{base_url}/v2"},
+                "mailchimp": {"api_key": {"env": mc_env}, "base_url": f"{base_url}/3.0", **private},
+                "ometria": {"api_key": {"env": om_env}, "base_url": f"{base_url}/v2", **private},
                 "lists": [spec.id for spec in acc.lists],
             }
         )
