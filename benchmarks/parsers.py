@@ -160,7 +160,9 @@ def polars_parse(raw: bytes, page_offset: int) -> tuple[pa.Table, list[dict[str,
         "tags": _tag_list(f["tags"]),
         "page_offset": pa.array([page_offset] * n, pa.int32()),
     }
-    return pa.Table.from_pydict({k: columns[k] for k in staging.STAGING_SCHEMA.names}, schema=staging.STAGING_SCHEMA), []
+    return pa.Table.from_pydict(
+        {k: columns[k] for k in staging.STAGING_SCHEMA.names}, schema=staging.STAGING_SCHEMA
+    ), []
 
 
 def _tag_list(tags: pa.ListArray) -> pa.Array:
@@ -247,8 +249,8 @@ def main() -> None:
     }
     old = two_parsers()
     if old is not None:
-        alternatives[f"two parsers ({TWO_PARSERS_REV}: Arrow reader + regexes, per-member fallback)"] = (
-            lambda d: chain(old.parse_page, pages, d)
+        alternatives[f"two parsers ({TWO_PARSERS_REV}: Arrow reader + regexes, per-member fallback)"] = lambda d: chain(
+            old.parse_page, pages, d
         )
         alternatives["its per-member parser alone (orjson + Arrow builders, collector running)"] = lambda d: chain(
             old._parse_page_python, pages, d
@@ -282,13 +284,17 @@ def main() -> None:
                 out["cpu_s"] = out["staging_cpu_s"] + out["transform_cpu_s"]
                 if name not in best or out["cpu_s"] < best[name]["cpu_s"]:
                     best[name] = out
-    print(f"{args.pages} pages, {sum(len(orjson.loads(r)['members']) for _, r in pages):,} members; best of {args.rounds}")
-    print(f"{'members/s per core':>19} {'staging us':>10} {'transform us':>12} {'staged':>7} {'records':>7}  alternative")
+    print(
+        f"{args.pages} pages, {sum(len(orjson.loads(r)['members']) for _, r in pages):,} members; best of {args.rounds}"
+    )
+    print(
+        f"{'members/s per core':>19} {'staging us':>10} {'transform us':>12} {'staged':>7} {'records':>7}  alternative"
+    )
     for name, out in best.items():
         n = out["staged"]
+        staging_us, transform_us = out["staging_cpu_s"] / n * 1e6, out["transform_cpu_s"] / n * 1e6
         print(
-            f"{n / out['cpu_s']:>19,.0f} {out['staging_cpu_s'] / n * 1e6:>10.2f} {out['transform_cpu_s'] / n * 1e6:>12.2f}"
-            f" {n:>7} {out['records']:>7}  {name}"
+            f"{n / out['cpu_s']:>19,.0f} {staging_us:>10.2f} {transform_us:>12.2f} {n:>7} {out['records']:>7}  {name}"
         )
     print("reading the pages alone, us per member (best of 3):")
     for name, us in floors(pages).items():

@@ -442,7 +442,7 @@ def _parse_floor(pages: list[bytes]) -> dict[str, float]:
     """CPU per member of only reading the pages' JSON (best of 3): what no transform can go below."""
     import orjson
 
-    from mc_pipeline.staging import read_page_json
+    from benchmarks.parsers import read_page_json
 
     members = sum(len(orjson.loads(raw)["members"]) for raw in pages)
 

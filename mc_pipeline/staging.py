@@ -87,10 +87,15 @@ def _strings(values: Sequence[Any]) -> pa.Array:
 
 
 def _typed(values: Sequence[Any], typ: pa.DataType, ok: Any) -> pa.Array:
+    """Values of the column's JSON type as they are; a value of another one (a fraction or a bool
+    for an integer, which Arrow's builder would take) or out of range cleans the column."""
     try:
-        return pa.array(values, typ)
+        inferred = pa.array(values)
+        if inferred.type in (typ, pa.null()) or (pa.types.is_integer(typ) and inferred.type == pa.int64()):
+            return inferred.cast(typ)  # checked: out of range raises
     except (pa.ArrowTypeError, pa.ArrowInvalid, OverflowError):
-        return pa.array([v if ok(v) else None for v in values], typ)
+        pass
+    return pa.array([v if ok(v) else None for v in values], typ)
 
 
 def _timestamps(values: Sequence[Any]) -> pa.Array:
@@ -103,17 +108,20 @@ def _timestamps(values: Sequence[Any]) -> pa.Array:
 
 def _tag_names(values: Sequence[Any]) -> pa.Array:
     try:
-        return pa.array([[t["name"] for t in ts] if ts else [] for ts in values], pa.list_(pa.string()))
+        names = pa.array([[t["name"] for t in ts] if ts else [] for ts in values], pa.list_(pa.string()))
+        if not names.values.null_count:
+            return names
     except (TypeError, KeyError, pa.ArrowTypeError, pa.ArrowInvalid):
-        return pa.array(
-            [
-                [t["name"] for t in ts if isinstance(t, dict) and isinstance(t.get("name"), str)]
-                if isinstance(ts, list)
-                else []
-                for ts in values
-            ],
-            pa.list_(pa.string()),
-        )
+        pass
+    return pa.array(
+        [
+            [t["name"] for t in ts if isinstance(t, dict) and isinstance(t.get("name"), str)]
+            if isinstance(ts, list)
+            else []
+            for ts in values
+        ],
+        pa.list_(pa.string()),
+    )
 
 
 def _dicts(values: Iterable[Any]) -> list[dict[str, Any]]:
@@ -145,17 +153,16 @@ def _collector_paused() -> Iterator[None]:
     A page of 1,000 members is some 30,000 dicts, lists and strings, and allocating them sets off
     collections that walk every live object of the process: measured, they cost as much as the
     JSON parse itself (benchmarks/parsers.py). A parsed page holds no cycles, so reference
-    counting frees it all the same. If another thread pauses it at the same time, the collector
-    may come back early: that only costs time.
+    counting frees it all the same. (Two threads pausing it at once may bring it back early: that
+    only costs time.)
     """
-    if not gc.isenabled():
-        yield
-        return
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def parse_page(raw: bytes, page_offset: int = 0) -> tuple[pa.Table, list[dict[str, Any]]]:
@@ -163,11 +170,9 @@ def parse_page(raw: bytes, page_offset: int = 0) -> tuple[pa.Table, list[dict[st
 
     Raises ValueError only if the page itself is not a members page (the fetcher has already
     retried such pages). A member that is not an object or has no id is a dead letter; a field
-    of the wrong type is null. Nothing about one member can fail the page.
-
-    Each column first tries Arrow's builder on the values as sent and is cleaned value by value
-    only when one of them has the wrong type, so a well-formed page costs one parse and one
-    pass per column (see benchmarks/parsers.py for the readers measured against it).
+    of the wrong type is null. Nothing about one member can fail the page. Each column tries
+    Arrow's builder on the values as sent and is cleaned value by value only when one has the
+    wrong type, so a well-formed page costs one parse and one pass per column.
     """
     with _collector_paused():
         doc = orjson.loads(raw)
@@ -179,15 +184,12 @@ def parse_page(raw: bytes, page_offset: int = 0) -> tuple[pa.Table, list[dict[st
 
 def _with_ids(members: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The members that are objects with an id, and a dead letter for each other one."""
-    if all(type(m) is dict and type(m.get("id")) is str and m["id"] for m in members):
+    has_id = [type(m) is dict and type(m.get("id")) is str and m["id"] != "" for m in members]
+    if all(has_id):
         return members, []
-    ok, dead = [], []
-    for m in members:
-        if type(m) is dict and type(m.get("id")) is str and m["id"]:
-            ok.append(m)
-        else:
-            dead.append(dead_letter("staging", None, None, "member without an id", m))
-    return ok, dead
+    pairs = list(zip(members, has_id, strict=True))
+    dead = [dead_letter("staging", None, None, "member without an id", m) for m, ok in pairs if not ok]
+    return [m for m, ok in pairs if ok], dead
 
 
 def _columns(members: list[dict[str, Any]], page_offset: int) -> pa.Table:

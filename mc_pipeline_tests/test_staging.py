@@ -41,6 +41,18 @@ def test_wrong_types_become_nulls_not_failures() -> None:
     assert row["tags"] == ["ok"]
 
 
+def test_a_fraction_is_not_a_rating_and_a_tag_without_a_name_is_no_tag() -> None:
+    """Arrow's builders take 1.5 for an int16 (as 1) and a null in a list of strings: neither may pass."""
+    table, _ = parse_page(
+        page(
+            {"id": "a" * 32, "member_rating": 1.5, "tags": [{"name": None}, {"name": "vip"}]},
+            {"id": "b" * 32, "member_rating": 4, "tags": []},
+        )
+    )
+    assert table.column("member_rating").to_pylist() == [None, 4]
+    assert table.column("tags").to_pylist() == [["vip"], []]
+
+
 def test_members_without_id_are_dead_letters() -> None:
     table, dead = parse_page(page({"id": "b" * 32}, {"email_address": "x@y.z"}, "junk", {"id": ""}))
     assert table.num_rows == 1
