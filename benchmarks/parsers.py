@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import gzip
-import importlib.util
 import io
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +29,8 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from benchmarks.scenarios import baseline_modules
+from benchmarks.workers import _load, staging_chain
 from mc_pipeline import staging, transform
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,49 +84,18 @@ def make_pages(n_pages: int, seed: int = 42) -> list[tuple[int, bytes]]:
 
 def two_parsers() -> ModuleType | None:
     """staging.py as it was with two parsers (from git), to measure in the same run."""
-    try:
-        text = subprocess.run(
-            ["git", "show", f"{TWO_PARSERS_REV}:mc_pipeline/staging.py"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-            text=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(tempfile.mkdtemp(prefix="bench-parsers-")) / "two_parsers_staging.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("two_parsers_staging", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    paths = baseline_modules(Path(tempfile.mkdtemp(prefix="bench-parsers-")), TWO_PARSERS_REV, ("staging",))
+    return _load("two_parsers_staging", paths["staging"], "") if paths else None
 
 
 def chain(parse: Parse, pages: list[tuple[int, bytes]], tmp: Path) -> dict[str, Any]:
     """Scenario 5's chain with `parse` in StagingWriter's place of parse_page."""
     original = staging.parse_page
-    staging.parse_page = parse  # the writer calls the module's parse_page
+    staging.parse_page = parse  # type: ignore[assignment]  # the writer calls the module's parse_page
     try:
-        c0 = time.process_time()
-        writer = staging.StagingWriter(tmp / "members.parquet")
-        for offset, raw in pages:
-            writer.write_page(raw, offset)
-        summary = writer.close()
-        c1 = time.process_time()
+        return staging_chain(staging, transform, pages, tmp)
     finally:
         staging.parse_page = original
-    return {"staged": summary.rows, "staging_cpu_s": c1 - c0, **_to_contacts(tmp / "members.parquet", c1)}
-
-
-def _to_contacts(path: Path, c1: float) -> dict[str, Any]:
-    source = pq.ParquetFile(path)
-    records = 0
-    for i in range(source.num_row_groups):
-        records += transform.to_contacts(source.read_row_group(i), COLLECTION)[0].num_rows
-    c2 = time.process_time()
-    return {"records": records, "transform_cpu_s": c2 - c1}
 
 
 def polars_parse(raw: bytes, page_offset: int) -> tuple[pa.Table, list[dict[str, Any]]]:
@@ -208,8 +176,13 @@ def duckdb_chain(pages: list[tuple[int, bytes]], tmp: Path) -> dict[str, Any]:
     con.execute(query)
     c1 = time.process_time()
     con.close()
-    staged = pq.ParquetFile(tmp / "members.parquet").metadata.num_rows
-    return {"staged": staged, "staging_cpu_s": c1 - c0, **_to_contacts(tmp / "members.parquet", c1)}
+    source = pq.ParquetFile(tmp / "members.parquet")
+    records = sum(
+        transform.to_contacts(source.read_row_group(i), COLLECTION)[0].num_rows for i in range(source.num_row_groups)
+    )
+    c2 = time.process_time()
+    staged = source.metadata.num_rows
+    return {"staged": staged, "records": records, "staging_cpu_s": c1 - c0, "transform_cpu_s": c2 - c1}
 
 
 def floors(pages: list[tuple[int, bytes]]) -> dict[str, float]:
@@ -247,6 +220,10 @@ def main() -> None:
             staging.parse_page, pages, d
         )
     }
+    parsed = {offset: staging.parse_page(raw, offset) for offset, raw in pages}
+    alternatives["no parser (tables parsed beforehand): the ceiling the rest of the chain allows"] = lambda d: chain(
+        lambda raw, offset: parsed[offset], pages, d
+    )
     old = two_parsers()
     if old is not None:
         alternatives[f"two parsers ({TWO_PARSERS_REV}: Arrow reader + regexes, per-member fallback)"] = lambda d: chain(
