@@ -71,11 +71,7 @@ _ROW_GROUP_ROWS = 50_000
 
 def _clean_text(v: Any) -> str | None:
     """A string as sent; numbers as text; anything else (objects, lists, bools) as null."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        return str(v)
-    return None
+    return v if isinstance(v, str) else str(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def _strings(values: Sequence[Any]) -> pa.Array:
@@ -150,11 +146,10 @@ _MERGE_KEYS = {"fname": "FNAME", "lname": "LNAME", "phone": "PHONE", "birthday":
 def _collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off while a page's objects are built.
 
-    A page of 1,000 members is some 30,000 dicts, lists and strings, and allocating them sets off
-    collections that walk every live object of the process: measured, they cost as much as the
-    JSON parse itself (benchmarks/parsers.py). A parsed page holds no cycles, so reference
-    counting frees it all the same. (Two threads pausing it at once may bring it back early: that
-    only costs time.)
+    A page of 1,000 members is some 30,000 dicts, lists and strings, whose allocation sets off
+    collections that walk every live object: measured, they cost as much as the JSON parse itself
+    (benchmarks/parsers.py). A page holds no cycles; reference counting frees it all the same.
+    (Two threads pausing it at once may bring it back early: that only costs time.)
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -179,7 +174,9 @@ def parse_page(raw: bytes, page_offset: int = 0) -> tuple[pa.Table, list[dict[st
         if not isinstance(doc, dict) or not isinstance(doc.get("members"), list):
             raise ValueError(f"page at offset {page_offset} has no 'members' list")
         members, dead = _with_ids(doc["members"])
-        return _columns(members, page_offset), dead
+        table = _columns(members, page_offset)
+        del doc, members  # freed before the collector is back, else its first pass walks them all
+    return table, dead
 
 
 def _with_ids(members: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -65,6 +65,23 @@ def test_a_page_without_members_is_an_error() -> None:
         parse_page(orjson.dumps({"total_items": 3}), 2000)
 
 
+def test_parsing_gives_the_collector_back_as_it_found_it() -> None:
+    """parse_page pauses the cyclic collector: on, it is on again after a page, even a bad one."""
+    import gc
+
+    assert gc.isenabled()
+    parse_page(page({"id": "a" * 32}))
+    with pytest.raises(ValueError):
+        parse_page(orjson.dumps({"total_items": 0}))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        parse_page(page({"id": "a" * 32}))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_id_keys_are_stable_and_distinct() -> None:
     import pyarrow as pa
 
