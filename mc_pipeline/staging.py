@@ -104,10 +104,11 @@ def _timestamps(values: Sequence[Any]) -> pa.Array:
 
 def _tag_names(values: Sequence[Any]) -> pa.Array:
     try:
-        names = pa.array([[t["name"] for t in ts] if ts else [] for ts in values], pa.list_(pa.string()))
-        if not names.values.null_count:
-            return names
-    except (TypeError, KeyError, pa.ArrowTypeError, pa.ArrowInvalid):
+        tags = pa.array(values, _TAGS)  # a tag's other keys are left out
+        names = tags.values.field("name")
+        if not (tags.values.null_count or names.null_count):
+            return pa.ListArray.from_arrays(tags.offsets, names)  # a null list of tags: none
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
         pass
     return pa.array(
         [
@@ -140,6 +141,7 @@ _TEXT = ("email_address", "unique_email_id", "contact_id", "full_name", "status"
 _TIMES = ("timestamp_signup", "timestamp_opt", "last_changed")
 _MEMBER_KEYS = ("id", *_TEXT, *_TIMES, "vip", "member_rating", "merge_fields", "location", "tags")
 _MERGE_KEYS = {"fname": "FNAME", "lname": "LNAME", "phone": "PHONE", "birthday": "BIRTHDAY"}
+_TAGS = pa.list_(pa.struct([("name", pa.string())]))
 
 
 @contextmanager
@@ -200,7 +202,7 @@ def _columns(members: list[dict[str, Any]], page_offset: int) -> pa.Table:
         **{name: _strings(merge[key]) for name, key in _MERGE_KEYS.items()},
         "address_country": _strings([get(a, "country") for a in _dicts(merge["ADDRESS"])]),
         # Compact, as the transform's patterns expect (see transform.properties_json).
-        "merge_fields_json": pa.array(list(map(orjson.dumps, merges)), pa.binary()).cast(pa.string()),
+        "merge_fields_json": pa.array(list(map(orjson.dumps, merges)), pa.binary()).view(pa.string()),  # UTF-8
         **{name: _timestamps(m[name]) for name in _TIMES},
         "vip": _typed(m["vip"], pa.bool_(), lambda v: isinstance(v, bool)),
         "member_rating": _typed(
