@@ -15,7 +15,7 @@ orjson + Arrow builders with the collector paused (kept) 77,146; the two parsers
 their per-member parser alone, collector running, 57,253; Polars, typed fields only (it cannot
 give merge_fields_json) 105,802; DuckDB, gzipped pages -> Parquet, one thread, 19,814; no parser
 at all 169,813 (the rest of the chain's ceiling). Reading alone: Arrow 364,249, orjson 419,512.
-So no parser reaches 150,000/s here: the writer and to_contacts leave 1 us per member to parse.
+So no parser reaches 150,000/s here: the writer and to_contacts leave under 1 us per member to parse.
 """
 
 from __future__ import annotations
