@@ -457,13 +457,16 @@ def memory(ctx: Context) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- 5. CPU
-def _baseline_modules(work: Path) -> dict[str, str] | None:
-    """staging.py and transform.py as they were before the optimisation (from git), if available."""
+def baseline_modules(
+    work: Path, rev: str = CPU_BASELINE_REV, names: tuple[str, ...] = ("staging", "transform")
+) -> dict[str, str] | None:
+    """Paths of modules of mc_pipeline as they were at `rev` (by default, staging.py and transform.py
+    before the optimisation), from git, if available."""
     out = {}
-    for name in ("staging", "transform"):
+    for name in names:
         try:
             text = subprocess.run(
-                ["git", "show", f"{CPU_BASELINE_REV}:mc_pipeline/{name}.py"],
+                ["git", "show", f"{rev}:mc_pipeline/{name}.py"],
                 cwd=REPO,
                 capture_output=True,
                 check=True,
@@ -482,7 +485,7 @@ def cpu(ctx: Context) -> dict[str, Any]:
     work = ctx.dir("5_cpu")
     pages = ensure_pages(ctx, p.cpu_pages)
     args = {"pages_dir": str(pages), "pages": p.cpu_pages, "warmup": 1, "repeats": p.cpu_repeats}
-    baseline = _baseline_modules(work)
+    baseline = baseline_modules(work)
     rounds = 3 if baseline else 1
     ctx.log(
         f"  parse_page/StagingWriter -> to_contacts on {p.cpu_pages} pages: {rounds} round(s) of "

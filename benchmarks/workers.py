@@ -371,6 +371,34 @@ def _load(name: str, path: str | None, default: str) -> Any:
     return module
 
 
+def staging_chain(staging: Any, transform: Any, pages: list[tuple[int, bytes]], tmp: Path) -> dict[str, Any]:
+    """Pages -> StagingWriter -> to_contacts on each row group read back, CPU time of each half."""
+    import pyarrow.parquet as pq
+
+    c0 = time.process_time()
+    writer = staging.StagingWriter(tmp / "members.parquet")
+    for offset, raw in pages:
+        writer.write_page(raw, offset)
+    summary = writer.close()
+    c1 = time.process_time()
+    source = pq.ParquetFile(tmp / "members.parquet")
+    records = dead = 0
+    for i in range(source.num_row_groups):
+        good, bad = transform.to_contacts(source.read_row_group(i), "mailchimp-0123456789")
+        records += good.num_rows
+        dead += bad.num_rows
+    c2 = time.process_time()
+    return {
+        "staged": summary.rows,
+        "duplicates": summary.duplicates,
+        "records": records,
+        "dead_letters": dead + len(summary.dead_letters),
+        "staging_cpu_s": c1 - c0,
+        "transform_cpu_s": c2 - c1,
+        "cpu_s": c2 - c0,
+    }
+
+
 @task
 def task_transform_cpu(args: dict[str, Any]) -> dict[str, Any]:
     """Raw pages -> staged rows (StagingWriter: parse_page, Parquet, de-duplication) -> Ometria
@@ -379,45 +407,19 @@ def task_transform_cpu(args: dict[str, Any]) -> dict[str, Any]:
     `modules` may name other versions of staging.py and transform.py (the code before an
     optimisation), so before and after are measured in the same run on the same pages.
     """
-    import pyarrow.parquet as pq
 
     modules = args.get("modules") or {}
     staging = _load("bench_staging", modules.get("staging"), "mc_pipeline.staging")
     transform = _load("bench_transform", modules.get("transform"), "mc_pipeline.transform")
     files = sorted(Path(args["pages_dir"]).glob("*.json"))[: args.get("pages")]
     pages = [(int(f.stem.rsplit("-", 1)[1]), f.read_bytes()) for f in files]
-    collection = "mailchimp-0123456789"
-
-    def chain(tmp: Path) -> dict[str, Any]:
-        c0 = time.process_time()
-        writer = staging.StagingWriter(tmp / "members.parquet")
-        for offset, raw in pages:
-            writer.write_page(raw, offset)
-        summary = writer.close()
-        c1 = time.process_time()
-        source = pq.ParquetFile(tmp / "members.parquet")
-        records = dead = 0
-        for i in range(source.num_row_groups):
-            good, bad = transform.to_contacts(source.read_row_group(i), collection)
-            records += good.num_rows
-            dead += bad.num_rows
-        c2 = time.process_time()
-        return {
-            "staged": summary.rows,
-            "duplicates": summary.duplicates,
-            "records": records,
-            "dead_letters": dead + len(summary.dead_letters),
-            "staging_cpu_s": c1 - c0,
-            "transform_cpu_s": c2 - c1,
-            "cpu_s": c2 - c0,
-        }
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         for i in range(args.get("warmup", 1) + args.get("repeats", 5)):
             folder = Path(tmp, f"r{i}")
             folder.mkdir()
-            run = chain(folder)
+            run = staging_chain(staging, transform, pages, folder)
             if i >= args.get("warmup", 1):
                 runs.append(run)
         profile = None
@@ -430,7 +432,7 @@ def task_transform_cpu(args: dict[str, Any]) -> dict[str, Any]:
             folder.mkdir()
             prof = cProfile.Profile()
             prof.enable()
-            chain(folder)
+            staging_chain(staging, transform, pages, folder)
             prof.disable()
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
@@ -442,7 +444,7 @@ def _parse_floor(pages: list[bytes]) -> dict[str, float]:
     """CPU per member of only reading the pages' JSON (best of 3): what no transform can go below."""
     import orjson
 
-    from mc_pipeline.staging import read_page_json
+    from benchmarks.parsers import read_page_json
 
     members = sum(len(orjson.loads(raw)["members"]) for raw in pages)
 

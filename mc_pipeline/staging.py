@@ -5,16 +5,20 @@ becomes a null column value or, if it has no usable id, a dead letter with its r
 stays flat: rows go to Parquet in row groups, and de-duplication keeps only 16 bytes per member
 (an id hash and its last_changed) until the end.
 
-CPU matters here (a full sync of a large list stages every member): a well-formed page is parsed
-column-wise by Arrow's JSON reader, and duplicates from the pages' overlap are dropped in memory
-before a row group is written, so the file is written once (see benchmarks/, scenario 5).
+CPU matters here (a full sync of a large list stages every member): a page is parsed once, by
+orjson, and its staged rows built column by column; duplicates from the pages' overlap are dropped
+in memory before a row group is written, so the file is written once (see benchmarks/, scenario 5,
+and benchmarks/parsers.py for the other readers measured).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import io
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,6 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 # Milliseconds: Parquet has no second unit, and a file must read back with the schema it was written with.
@@ -58,14 +61,10 @@ _ROW_GROUP_ROWS = 50_000
 
 def _clean_text(v: Any) -> str | None:
     """A string as sent; numbers as text; anything else (objects, lists, bools) as null."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, int | float) and not isinstance(v, bool):
-        return str(v)
-    return None
+    return v if isinstance(v, str) else str(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
-def _strings(values: list[Any]) -> pa.Array:
+def _strings(values: Sequence[Any]) -> pa.Array:
     """The fast path takes well-formed values as they are; a wrong type anywhere cleans the column."""
     try:
         return pa.array(values, pa.string())
@@ -73,280 +72,141 @@ def _strings(values: list[Any]) -> pa.Array:
         return pa.array([_clean_text(v) for v in values], pa.string())
 
 
-def _typed(values: list[Any], typ: pa.DataType, ok: Any) -> pa.Array:
+def _typed(values: Sequence[Any], typ: pa.DataType, ok: Any) -> pa.Array:
+    """Values of the column's JSON type as they are; a value of another one (a fraction or a bool
+    for an integer, which Arrow's builder would take) or out of range cleans the column."""
     try:
-        return pa.array(values, typ)
+        inferred = pa.array(values)
+        if inferred.type in (typ, pa.null()) or (pa.types.is_integer(typ) and inferred.type == pa.int64()):
+            return inferred.cast(typ)  # checked: out of range raises
     except (pa.ArrowTypeError, pa.ArrowInvalid, OverflowError):
-        return pa.array([v if ok(v) else None for v in values], typ)
+        pass
+    return pa.array([v if ok(v) else None for v in values], typ)
 
 
-def _timestamps(values: list[Any]) -> pa.Array:
-    """ISO 8601 strings with offsets -> UTC seconds; `""`, null and garbage -> null."""
+def _timestamps(values: Sequence[Any]) -> pa.Array:
+    """ISO 8601 strings with offsets -> UTC milliseconds; `""`, null and garbage -> null."""
     strings = _strings(values)
-    strings = pc.replace_substring_regex(strings, r"Z$", "+00:00")
-    return pc.strptime(strings, format="%Y-%m-%dT%H:%M:%S%z", unit="ms", error_is_null=True).cast(UTC_TS)
-
-
-def _tag_names(values: list[Any]) -> pa.Array:
-    try:
-        return pa.array([[t["name"] for t in ts] if ts else [] for ts in values], pa.list_(pa.string()))
-    except (TypeError, KeyError, pa.ArrowTypeError, pa.ArrowInvalid):
-        return pa.array(
-            [
-                [t["name"] for t in ts if isinstance(t, dict) and isinstance(t.get("name"), str)]
-                if isinstance(ts, list)
-                else []
-                for ts in values
-            ],
-            pa.list_(pa.string()),
-        )
-
-
-def _dicts(values: list[Any]) -> list[dict[str, Any]]:
-    return [v if type(v) is dict else {} for v in values]
-
-
-def parse_page(raw: bytes, page_offset: int = 0) -> tuple[pa.Table, list[dict[str, Any]]]:
-    """One raw page -> (staged rows, dead letters), column by column.
-
-    Raises ValueError only if the page itself is not a members page (the fetcher has already
-    retried such pages). A member that is not an object or has no id is a dead letter; a field
-    of the wrong type is null. Nothing about one member can fail the page.
-
-    A well-formed page (every member an object with an id, every field of its documented type)
-    is parsed by Arrow's JSON reader straight into columns, with no Python object per member;
-    any other page takes the member-by-member path below, which decides every odd case. Both
-    give the same rows (see `_parse_page_arrow`).
-    """
-    table = _parse_page_arrow(raw, page_offset)
-    if table is not None:
-        return table, []
-    return _parse_page_python(raw, page_offset)
-
-
-def _parse_page_python(raw: bytes, page_offset: int) -> tuple[pa.Table, list[dict[str, Any]]]:
-    doc = orjson.loads(raw)
-    if not isinstance(doc, dict) or not isinstance(doc.get("members"), list):
-        raise ValueError(f"page at offset {page_offset} has no 'members' list")
-    members = doc["members"]
-    dead: list[dict[str, Any]] = []
-    if not all(type(m) is dict and type(m.get("id")) is str and m["id"] for m in members):
-        ok = []
-        for m in members:
-            if type(m) is dict and type(m.get("id")) is str and m["id"]:
-                ok.append(m)
-            else:
-                # A plain dead-letter row (mc_pipeline.dead_letters gives it its schema), the member whole.
-                payload = orjson.dumps(m, default=str).decode()
-                dead.append(
-                    {
-                        "stage": "staging",
-                        "member_id": None,
-                        "record_id": None,
-                        "reason": "member without an id",
-                        "payload": payload,
-                    }
-                )
-        members = ok
-    get = dict.get
-    merges = _dicts([get(m, "merge_fields") for m in members])
-    locations = _dicts([get(m, "location") for m in members])
-    addresses = _dicts([get(x, "ADDRESS") for x in merges])
-    dumps = orjson.dumps
-    columns = {
-        "member_id": _strings([m["id"] for m in members]),
-        "email_address": _strings([get(m, "email_address") for m in members]),
-        "unique_email_id": _strings([get(m, "unique_email_id") for m in members]),
-        "contact_id": _strings([get(m, "contact_id") for m in members]),
-        "full_name": _strings([get(m, "full_name") for m in members]),
-        "status": _strings([get(m, "status") for m in members]),
-        "fname": _strings([get(x, "FNAME") for x in merges]),
-        "lname": _strings([get(x, "LNAME") for x in merges]),
-        "phone": _strings([get(x, "PHONE") for x in merges]),
-        "birthday": _strings([get(x, "BIRTHDAY") for x in merges]),
-        "address_country": _strings([get(a, "country") for a in addresses]),
-        "merge_fields_json": pa.array([dumps(x) for x in merges], pa.binary()).cast(pa.string()),
-        "timestamp_signup": _timestamps([get(m, "timestamp_signup") for m in members]),
-        "timestamp_opt": _timestamps([get(m, "timestamp_opt") for m in members]),
-        "last_changed": _timestamps([get(m, "last_changed") for m in members]),
-        "language": _strings([get(m, "language") for m in members]),
-        "vip": _typed([get(m, "vip") for m in members], pa.bool_(), lambda v: isinstance(v, bool)),
-        "member_rating": _typed(
-            [get(m, "member_rating") for m in members],
-            pa.int16(),
-            lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**15) <= v < 2**15,
-        ),
-        "country_code": _strings([get(loc, "country_code") for loc in locations]),
-        "source": _strings([get(m, "source") for m in members]),
-        "tags": _tag_names([get(m, "tags") for m in members]),
-        "page_offset": pa.array([page_offset] * len(members), pa.int32()),
-    }
-    return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA), dead
-
-
-# ------------------------------------------------------------------------------ the columnar path
-# The fields a well-formed member has, with their JSON types. Arrow's reader refuses a page where
-# any of them has another type (a number for a string, an object for a list...), and the page
-# then takes the Python path, so the columnar path never has to decide an odd case.
-_MEMBER_JSON = pa.struct(
-    [
-        ("id", pa.string()),
-        ("email_address", pa.string()),
-        ("unique_email_id", pa.string()),
-        ("contact_id", pa.string()),
-        ("full_name", pa.string()),
-        ("status", pa.string()),
-        ("merge_fields", pa.struct([(k, pa.string()) for k in ("FNAME", "LNAME", "PHONE", "BIRTHDAY")])),
-        ("timestamp_signup", pa.string()),
-        ("timestamp_opt", pa.string()),
-        ("last_changed", pa.string()),
-        ("language", pa.string()),
-        ("vip", pa.bool_()),
-        ("member_rating", pa.int64()),
-        ("location", pa.struct([("country_code", pa.string())])),
-        ("source", pa.string()),
-        ("tags", pa.list_(pa.struct([("name", pa.string())]))),
-    ]
-)
-_JSON_PARSE = pajson.ParseOptions(
-    explicit_schema=pa.schema([pa.field("members", pa.list_(_MEMBER_JSON))]),
-    unexpected_field_behavior="ignore",
-    newlines_in_values=True,
-)
-# Each member's merge_fields object, as sent: the text after `"merge_fields":`, up to its closing
-# brace, objects nested at most once (ADDRESS), compact (no whitespace outside strings).
-_STR = r'"(?:[^"\\]|\\.)*"'
-_MERGE_SPAN = rf'^(?P<m>\{{(?:[^{{}}"\s]|{_STR}|\{{(?:[^{{}}"\s]|{_STR})*\}})*\}})'
-# What orjson would write differently from the text as sent: escapes, and numbers it re-formats
-# (a fraction or exponent, minus zero). A conservative test: a match only costs a re-encoding.
-_NOT_CANONICAL = r"\\|[:,\[]-?[0-9]+[.eE]|[:,\[]-0[^0-9.eE]"
-# ADDRESS is "" or an object (so Arrow cannot type it); its country is read from the text. In the
-# object's text a key follows `{` or `,`, and a quote inside a string is escaped.
-_ADDRESS = rf'"ADDRESS":(?P<a>\{{(?:[^{{}}"]|{_STR})*\}})'
-_COUNTRY = rf'[{{,]"country":(?P<c>{_STR}|[^,}}]*)'
-
-
-def read_page_json(raw: bytes) -> pa.Table:
-    """The page read by Arrow's JSON reader with the members' documented types, in one block."""
-    options = pajson.ReadOptions(use_threads=False, block_size=len(raw) + 64)
-    return pajson.read_json(io.BytesIO(raw), read_options=options, parse_options=_JSON_PARSE)
-
-
-def _parse_page_arrow(raw: bytes, page_offset: int) -> pa.Table | None:
-    """The page as staged rows without a Python object per member, or None when the page needs
-    the Python path: it does not parse with the documented types, a member has no id, a
-    merge_fields object is missing or nested deeper than once, or a tag has no name.
-
-    The rows equal the Python path's: merge_fields_json is the object's text as sent when that
-    is what orjson would write (compact, no escapes, integers only), else orjson's re-encoding.
-    (One difference: a merge field repeated within one object, which JSON allows and Mailchimp
-    does not send, stays twice in the text; the record pushed is the same, as both parse to
-    the last value.)
-    """
-    try:
-        page = read_page_json(raw)
-    except (pa.ArrowException, ValueError, TypeError):
-        return None
-    if page.num_rows != 1 or page.column("members").null_count:
-        return None
-    members = pc.list_flatten(page.column("members").combine_chunks())
-    n = len(members)
-    if members.null_count:
-        return None
-
-    fields = dict(zip(_MEMBER_JSON.names, members.flatten(), strict=True))
-    merge = fields["merge_fields"]
-    ids = fields["id"]
-    if n and (ids.null_count or merge.null_count or pc.any(pc.equal(ids, "")).as_py()):
-        return None
-    tags = fields["tags"]
-    tag_structs = pc.list_flatten(tags)
-    names = pc.struct_field(tag_structs, "name") if len(tag_structs) else pa.array([], pa.string())
-    if tag_structs.null_count or names.null_count:
-        return None
-    lengths = pc.fill_null(pc.list_value_length(tags), 0).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    merge_json = _merge_fields_json(raw, n)
-    if merge_json is None:
-        return None
-    merge_parts = dict(zip([f.name for f in merge.type], merge.flatten(), strict=True))
-    rating = fields["member_rating"]
-    rating = pc.if_else(pc.and_(pc.greater_equal(rating, -(2**15)), pc.less(rating, 2**15)), rating, None)
-    columns = {
-        "member_id": ids,
-        "email_address": fields["email_address"],
-        "unique_email_id": fields["unique_email_id"],
-        "contact_id": fields["contact_id"],
-        "full_name": fields["full_name"],
-        "status": fields["status"],
-        "fname": merge_parts["FNAME"],
-        "lname": merge_parts["LNAME"],
-        "phone": merge_parts["PHONE"],
-        "birthday": merge_parts["BIRTHDAY"],
-        "address_country": _address_country(merge_json),
-        "merge_fields_json": merge_json,
-        "timestamp_signup": _timestamp_strings(fields["timestamp_signup"]),
-        "timestamp_opt": _timestamp_strings(fields["timestamp_opt"]),
-        "last_changed": _timestamp_strings(fields["last_changed"]),
-        "language": fields["language"],
-        "vip": fields["vip"],
-        "member_rating": rating.cast(pa.int16()),
-        "country_code": pc.struct_field(fields["location"], "country_code"),
-        "source": fields["source"],
-        "tags": pa.ListArray.from_arrays(pa.array(offsets), names),
-        "page_offset": pa.array(np.full(n, page_offset, dtype=np.int32)),
-    }
-    return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA)
-
-
-def _merge_fields_json(raw: bytes, n: int) -> pa.Array | None:
-    """Each member's merge_fields as compact JSON, cut from the page's text in member order."""
-    pieces = pc.list_flatten(pc.split_pattern(pa.array([raw], pa.binary()), pattern='"merge_fields":'))
-    if len(pieces) != n + 1:  # a merge_fields key missing, or one that is not a member's
-        return None
-    spans = pc.struct_field(pc.extract_regex(pieces.slice(1), pattern=_MERGE_SPAN), "m")
-    if spans.null_count:
-        return None
-    try:
-        spans = spans.cast(pa.string())
-    except pa.ArrowInvalid:
-        return None
-    redo = pc.match_substring_regex(spans, _NOT_CANONICAL)
-    if pc.any(redo).as_py():
-        texts = spans.to_pylist()
-        try:
-            for i in np.flatnonzero(redo.to_numpy(zero_copy_only=False)).tolist():
-                texts[i] = orjson.dumps(orjson.loads(texts[i])).decode()
-        except orjson.JSONDecodeError:
-            return None
-        spans = pa.array(texts, pa.string())
-    return spans
-
-
-def _address_country(merge_json: pa.Array) -> pa.Array:
-    """ADDRESS.country as the Python path reads it: a string as is, a number as text, else null."""
-    has = pc.match_substring(merge_json, '"ADDRESS":{')  # the regexes run only where they can match
-    address = pc.struct_field(pc.extract_regex(merge_json.filter(has), pattern=_ADDRESS), "a")
-    token = pc.struct_field(pc.extract_regex(address, pattern=_COUNTRY), "c")
-    plain = pc.match_substring_regex(token, r'^"[^"\\]*"$')
-    found = pc.if_else(plain, pc.utf8_slice_codeunits(token, 1, -1), pa.scalar(None, pa.string()))
-    odd = pc.and_(pc.is_valid(token), pc.invert(pc.fill_null(plain, False)))
-    if pc.any(odd).as_py():  # an escaped string or a number: decoded like the Python path does
-        values, tokens = found.to_pylist(), token.to_pylist()
-        for i in np.flatnonzero(odd.to_numpy(zero_copy_only=False)).tolist():
-            try:
-                values[i] = _clean_text(orjson.loads(tokens[i]))
-            except orjson.JSONDecodeError:
-                values[i] = None
-        found = pa.array(values, pa.string())
-    return pc.replace_with_mask(pa.nulls(len(merge_json), pa.string()), has, found)
-
-
-def _timestamp_strings(strings: pa.Array) -> pa.Array:
     if pc.any(pc.ends_with(strings, "Z")).as_py():
         strings = pc.replace_substring_regex(strings, r"Z$", "+00:00")
     return pc.strptime(strings, format="%Y-%m-%dT%H:%M:%S%z", unit="ms", error_is_null=True).cast(UTC_TS)
+
+
+def _tag_names(values: Sequence[Any]) -> pa.Array:
+    try:
+        tags = pa.array(values, _TAGS)  # a tag's other keys are left out
+        names = tags.values.field("name")
+        if not (tags.values.null_count or names.null_count):
+            return pa.ListArray.from_arrays(tags.offsets, names)  # a null list of tags: none
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    return pa.array(
+        [
+            [t["name"] for t in ts if isinstance(t, dict) and isinstance(t.get("name"), str)]
+            if isinstance(ts, list)
+            else []
+            for ts in values
+        ],
+        pa.list_(pa.string()),
+    )
+
+
+def _dicts(values: Iterable[Any]) -> list[dict[str, Any]]:
+    return [v if type(v) is dict else {} for v in values]
+
+
+def _transposed(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Sequence[Any]]:
+    """Each key's values over the rows (None where a row lacks it), in one pass when every row
+    has every key, as in a page as sent: a third of the cost of one `dict.get` pass per key."""
+    if not rows:
+        return {k: [] for k in keys}
+    try:
+        return dict(zip(keys, zip(*map(itemgetter(*keys), rows), strict=True), strict=True))
+    except KeyError:
+        get = dict.get
+        return {k: [get(r, k) for r in rows] for k in keys}
+
+
+_TEXT = ("email_address", "unique_email_id", "contact_id", "full_name", "status", "language", "source")
+_TIMES = ("timestamp_signup", "timestamp_opt", "last_changed")
+_MEMBER_KEYS = ("id", *_TEXT, *_TIMES, "vip", "member_rating", "merge_fields", "location", "tags")
+_MERGE_KEYS = {"fname": "FNAME", "lname": "LNAME", "phone": "PHONE", "birthday": "BIRTHDAY"}
+_TAGS = pa.list_(pa.struct([("name", pa.string())]))
+# A plain dead-letter row (mc_pipeline.dead_letters gives it its schema); the member goes whole as its payload.
+_NO_ID = {"stage": "staging", "member_id": None, "record_id": None, "reason": "member without an id"}
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a page's objects are built.
+
+    A page of 1,000 members is some 30,000 dicts, lists and strings, whose allocation sets off
+    collections that walk every live object: measured, they cost as much as the JSON parse itself
+    (benchmarks/parsers.py). A page holds no cycles; reference counting frees it all the same.
+    (Two threads pausing it at once may bring it back early: that only costs time.)
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def parse_page(raw: bytes, page_offset: int = 0) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """One raw page -> (staged rows, dead letters): orjson parses it, each column is built at once.
+
+    Raises ValueError only if the page itself is not a members page (the fetcher has already
+    retried such pages). A member that is not an object or has no id is a dead letter; a field
+    of the wrong type is null. Nothing about one member can fail the page. Each column tries
+    Arrow's builder on the values as sent and is cleaned value by value only when one has the
+    wrong type, so a well-formed page costs one parse and one pass per column.
+    """
+    with _collector_paused():
+        doc = orjson.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("members"), list):
+            raise ValueError(f"page at offset {page_offset} has no 'members' list")
+        members, dead = _with_ids(doc["members"])
+        table = _columns(members, page_offset)
+        del doc, members  # freed before the collector is back, else its first pass walks them all
+    return table, dead
+
+
+def _with_ids(members: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The members that are objects with an id, and a dead letter for each other one."""
+    has_id = [type(m) is dict and type(m.get("id")) is str and m["id"] != "" for m in members]
+    if all(has_id):
+        return members, []
+    pairs = list(zip(members, has_id, strict=True))
+    dead = [{**_NO_ID, "payload": orjson.dumps(m).decode()} for m, ok in pairs if not ok]
+    return [m for m, ok in pairs if ok], dead
+
+
+def _columns(members: list[dict[str, Any]], page_offset: int) -> pa.Table:
+    m = _transposed(members, _MEMBER_KEYS)
+    merges = _dicts(m["merge_fields"])
+    merge = _transposed(merges, (*_MERGE_KEYS.values(), "ADDRESS"))
+    get = dict.get
+    columns = {
+        "member_id": _strings(m["id"]),
+        **{name: _strings(m[name]) for name in _TEXT},
+        **{name: _strings(merge[key]) for name, key in _MERGE_KEYS.items()},
+        "address_country": _strings([get(a, "country") for a in _dicts(merge["ADDRESS"])]),
+        # Compact, as the transform's patterns expect (see transform.properties_json).
+        "merge_fields_json": pa.array(list(map(orjson.dumps, merges)), pa.binary()).view(pa.string()),  # UTF-8
+        **{name: _timestamps(m[name]) for name in _TIMES},
+        "vip": _typed(m["vip"], pa.bool_(), lambda v: isinstance(v, bool)),
+        "member_rating": _typed(
+            m["member_rating"],
+            pa.int16(),
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**15) <= v < 2**15,
+        ),
+        "country_code": _strings([get(loc, "country_code") for loc in _dicts(m["location"])]),
+        "tags": _tag_names(m["tags"]),
+        "page_offset": pa.array(np.full(len(members), page_offset, dtype=np.int32)),
+    }
+    return pa.Table.from_pydict(columns, schema=STAGING_SCHEMA)
 
 
 _HEX = np.full(256, 255, dtype=np.uint8)

@@ -41,6 +41,18 @@ def test_wrong_types_become_nulls_not_failures() -> None:
     assert row["tags"] == ["ok"]
 
 
+def test_a_fraction_is_not_a_rating_and_a_tag_without_a_name_is_no_tag() -> None:
+    """Arrow's builders take 1.5 for an int16 (as 1) and a null in a list of strings: neither may pass."""
+    table, _ = parse_page(
+        page(
+            {"id": "a" * 32, "member_rating": 1.5, "tags": [{"name": None}, {"name": "vip"}]},
+            {"id": "b" * 32, "member_rating": 4, "tags": []},
+        )
+    )
+    assert table.column("member_rating").to_pylist() == [None, 4]
+    assert table.column("tags").to_pylist() == [["vip"], []]
+
+
 def test_members_without_id_are_dead_letters() -> None:
     table, dead = parse_page(page({"id": "b" * 32}, {"email_address": "x@y.z"}, "junk", {"id": ""}))
     assert table.num_rows == 1
@@ -51,6 +63,23 @@ def test_members_without_id_are_dead_letters() -> None:
 def test_a_page_without_members_is_an_error() -> None:
     with pytest.raises(ValueError, match="no 'members' list"):
         parse_page(orjson.dumps({"total_items": 3}), 2000)
+
+
+def test_parsing_gives_the_collector_back_as_it_found_it() -> None:
+    """parse_page pauses the cyclic collector: on, it is on again after a page, even a bad one."""
+    import gc
+
+    assert gc.isenabled()
+    parse_page(page({"id": "a" * 32}))
+    with pytest.raises(ValueError):
+        parse_page(orjson.dumps({"total_items": 0}))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        parse_page(page({"id": "a" * 32}))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_id_keys_are_stable_and_distinct() -> None:
