@@ -50,7 +50,8 @@ def run_limits(tags: Mapping[str, str], accounts_of: AccountsOf) -> set[tuple[st
 def runs_ahead(
     instance: DagsterInstance, run_id: str, mine: set[tuple[str, str]], accounts_of: AccountsOf
 ) -> dict[str, set[tuple[str, str]]]:
-    """The runs in progress that share something with this one and started before it."""
+    """The runs in progress that share something with this one and started before it (with what
+    they share), and those still starting (with nothing: their order is not known yet)."""
     me = instance.get_run_record_by_id(run_id)
     my_order = ((me.start_time if me else None) or time.time(), run_id)
     ahead: dict[str, set[tuple[str, str]]] = {}
@@ -65,9 +66,10 @@ def runs_ahead(
             # Starting: it will have a start time in a moment; wait to compare, unless it never will.
             if time.time() - record.create_timestamp.timestamp() > UNSTARTED_GRACE_S:
                 continue
-        elif (record.start_time, run.run_id) > my_order:
-            continue  # it started after this run: it is the one that waits
-        ahead[run.run_id] = shared
+            ahead[run.run_id] = set()  # nothing known yet to name
+        elif (record.start_time, run.run_id) < my_order:
+            ahead[run.run_id] = shared
+        # else it started after this run: it is the one that waits
     return ahead
 
 
@@ -90,7 +92,7 @@ def wait_for_turn(
         ahead = runs_ahead(instance, run_id, mine, accounts_of)
         if not ahead:
             return time.monotonic() - started
-        new = sorted(set(ahead) - told)
+        new = sorted(r for r in ahead if ahead[r] and r not in told)  # only runs known to be ahead
         if new:
             told.update(new)
             shared = sorted({f"{k}={v}" for r in new for k, v in ahead[r]})
@@ -102,4 +104,4 @@ def wait_for_turn(
                 metadata={"cause": "concurrent_run", "retryable": False, "blocking_runs": ", ".join(sorted(ahead))},
                 allow_retries=False,
             )
-        time.sleep(poll_s)
+        time.sleep(poll_s if any(ahead.values()) else min(poll_s, 0.1))  # a starting run has its time soon

@@ -1,0 +1,149 @@
+"""Two runs of one list, or of one account, never sync at once; deletions are judged only on what
+a full fetch could list (issue 9, item 6)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from mc_pipeline.local import LocalEnvironment
+from mc_pipeline.sandbox.config import Faults
+from mc_pipeline.staging import id_keys
+from mc_pipeline.storage import KnownContacts
+from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, sync
+
+HOLD_S = 4.0  # how long the first run's first Mailchimp page is held: the second run starts meanwhile
+
+
+def wait_until(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def started_runs(instance: DagsterInstance) -> list[str]:
+    return [r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED]))]
+
+
+def waits_logged(instance: DagsterInstance, run_id: str) -> list[str]:
+    return [e.user_message for e in instance.all_logs(run_id) if "waiting for run(s)" in (e.user_message or "")]
+
+
+def run_beside(env: LocalEnvironment, instance: DagsterInstance, first: dict, second: dict):
+    """Start `first`, hold its first page of list `first['hold']`, start `second` while it is held."""
+    sb = env.sandbox
+    sb.set_fault_rates(first["hold"], Faults(slow_rate=1e-9, slow_delay_s=HOLD_S))
+    sb.script_faults(first["hold"], ["slow"])
+    with ThreadPoolExecutor(2) as pool:
+        one = pool.submit(sync, instance, first["partition"], full_refresh=first.get("full", False))
+        wait_until(lambda: len(started_runs(instance)) == 1, what="the first run to start")
+        first_id = started_runs(instance)[0]
+        for m in first.get("add_while_running", []):
+            sb.add_member(first["hold"], m)
+        two = pool.submit(sync, instance, second["partition"], full_refresh=second.get("full", False))
+        a, b = one.result(), two.result()
+    sb.set_fault_rates(first["hold"], None)
+    assert a.run_id == first_id and a.success and b.success
+    return a, b
+
+
+def test_an_incremental_beside_a_full_refresh_of_the_same_list_waits_and_opts_no_one_out(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    """The issue's race: the full refresh's known contacts minus its listing tombstoned the
+    members the incremental had just pushed. Here the incremental, started while the full
+    refresh runs, waits for it, then starts from its watermark; nothing is opted out."""
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    partition = f"client-1:{list_id}"
+    assert sync(instance, partition).success
+    new = [f"beside-{i}@example.com" for i in range(50)]
+    full, incremental = run_beside(
+        small_env,
+        instance,
+        {"partition": partition, "hold": list_id, "full": True, "add_while_running": new},
+        {"partition": partition},
+    )
+    assert waits_logged(instance, incremental.run_id), "the second run did not wait for the first"
+    assert not waits_logged(instance, full.run_id)
+    full_md, inc_pages = metadata(full, "ometria/contacts"), metadata(incremental, "mailchimp/member_pages")
+    # The incremental's window starts where the full refresh's ended: it ran after, not beside it.
+    assert inc_pages["window_since"] == datetime.fromtimestamp(full_md["watermark"], UTC).isoformat()
+    assert full_md["deleted_in_mailchimp_opted_out"] == 0
+    assert metadata(incremental, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 0
+    held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
+    for email in new:
+        assert held[sb.mailchimp_list(list_id).get(email)["contact_id"]]["marketing_optin"] != "EXPLICITLY_OPTEDOUT"
+    assert_ometria_matches(sb, partition)
+
+
+def test_two_lists_of_one_account_without_account_tags_do_not_sync_at_once(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    """`materialize` (like the asset graph and `dagster asset materialize`) runs the implicit asset
+    job: no account tags, no queue. The run finds its accounts in the registry and waits."""
+    sb = small_env.sandbox
+    first_list, second_list = sb.client("client-1").list_ids
+    a, b = run_beside(
+        small_env,
+        instance,
+        {"partition": f"client-1:{first_list}", "hold": first_list},
+        {"partition": f"client-1:{second_list}"},
+    )
+    assert "mc_pipeline/ometria_account" not in instance.get_run_by_id(b.run_id).tags
+    (line,) = waits_logged(instance, b.run_id)
+    assert a.run_id in line and "mc_pipeline/ometria_account=client-1" in line
+    assert instance.get_run_record_by_id(a.run_id).end_time <= min(
+        e.timestamp for e in instance.all_logs(b.run_id) if "full sync of list" in (e.user_message or "")
+    )
+    assert_ometria_matches(sb, f"client-1:{first_list}")
+    assert_ometria_matches(sb, f"client-1:{second_list}")
+
+
+def ids(n: int, start: int = 0) -> list[str]:
+    return [f"{i:032x}" for i in range(start, start + n)]
+
+
+def test_a_full_refresh_judges_only_contacts_seen_up_to_its_window(tmp_path: Path) -> None:
+    """The reconcile's selection: not listed AND last seen at or before the full fetch's bound."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    full_before = t0 + timedelta(hours=1)  # the full refresh's window: last_changed up to here
+    known = KnownContacts(tmp_path / "known")
+    old = ids(100)
+    known.add("initial", pa.table({"id": old, "email": [f"{i}@x.org" for i in old]}), seen=t0)
+    # A concurrent incremental, started after the full fetch's window closed, pushed 50 new members
+    # and re-pushed 2 old ones; the full fetch could list none of them.
+    pushed_beside = ids(50, start=1000) + old[:2]
+    known.add("beside", pa.table({"id": pushed_beside, "email": ["n@x.org"] * 52}), seen=full_before + timedelta(1))
+    listed = old[5:]  # the full fetch listed the old members but five (deleted in Mailchimp)
+    gone = known.reconcile(id_keys(pa.array(listed)), id_keys, judged_until=full_before)
+    assert sorted(gone.column("id").to_pylist()) == old[2:5]  # two of the five were seen after the bound
+    kept = {r["id"]: r["seen"] for r in known.read().to_pylist()}
+    assert set(kept) == set(old[5:]) | set(pushed_beside)
+    assert kept[old[0]] == full_before + timedelta(1)  # the latest time seen carries into the base
+    # The next full refresh, whose window covers them, judges them like any other.
+    gone = known.reconcile(id_keys(pa.array(old[5:])), id_keys, judged_until=full_before + timedelta(2))
+    assert sorted(gone.column("id").to_pylist()) == sorted(pushed_beside)
+
+
+def test_known_contacts_from_before_seen_times_are_judged_and_adopted(tmp_path: Path) -> None:
+    """Files written before `seen` existed have no time: they are old, so judged; the first
+    destination asked takes them over."""
+    import pyarrow.parquet as pq
+
+    from mc_pipeline.storage import PipelineStorage
+
+    storage = PipelineStorage(data_dir=str(tmp_path))
+    legacy = storage.known_contacts("acme:1a2d7ebf82").folder
+    legacy.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ids(3), "email": ["a", "b", "c"]}), legacy / "base.parquet")
+    known = storage.known_contacts("acme:1a2d7ebf82", "0123456789abcdef")
+    assert known.folder == legacy / "0123456789abcdef" and not (legacy / "base.parquet").exists()
+    gone = known.reconcile(id_keys(pa.array(ids(2))), id_keys, judged_until=datetime(2026, 1, 1, tzinfo=UTC))
+    assert gone.column("id").to_pylist() == ids(3)[2:]
