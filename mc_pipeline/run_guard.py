@@ -12,6 +12,9 @@ blocks the one the queue holds it behind.
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 from dagster import DagsterInstance, DagsterRunStatus, Failure, RunsFilter
 
 from mc_pipeline.registry import RegistryError, parse_partition_key
-from mc_pipeline.tags import MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, PARTITION, limited_values
+from mc_pipeline.tags import MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, PARTITION, RUN_HOST, RUN_PID, limited_values
 
 # Started and not finished. QUEUED is not here: a queued run holds nothing until it starts.
 IN_PROGRESS = [
@@ -28,7 +31,8 @@ IN_PROGRESS = [
     DagsterRunStatus.STARTED,
     DagsterRunStatus.CANCELING,
 ]
-# A run created but never started (a launch that died) stops blocking after this.
+# A run created but never started (a launch that died), or started and never reaching a sync
+# (killed while loading), stops blocking after this.
 UNSTARTED_GRACE_S = 120.0
 
 AccountsOf = Callable[[str], Mapping[str, str]]  # client id -> its account tags
@@ -47,8 +51,32 @@ def run_limits(tags: Mapping[str, str], accounts_of: AccountsOf) -> set[tuple[st
     return values
 
 
+def host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63] or "unknown"
+
+
+def claim(instance: DagsterInstance, run_id: str) -> None:
+    """Record this run's host and process, for the runs that will wait for it to tell if it died."""
+    instance.add_run_tags(run_id, {RUN_HOST: host(), RUN_PID: str(os.getpid())})
+
+
+def process_gone(tags: Mapping[str, str]) -> bool:
+    """True only when the run's process was on this host and no longer exists (killed outright:
+    Dagster then leaves the run "started" for ever, as nothing is left to report its end)."""
+    pid = tags.get(RUN_PID, "")
+    if tags.get(RUN_HOST) != host() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def runs_ahead(
-    instance: DagsterInstance, run_id: str, mine: set[tuple[str, str]], accounts_of: AccountsOf
+    instance: DagsterInstance, run_id: str, mine: set[tuple[str, str]], accounts_of: AccountsOf, log: Any = None
 ) -> dict[str, set[tuple[str, str]]]:
     """The runs in progress that share something with this one and started before it (with what
     they share), and those still starting (with nothing: their order is not known yet)."""
@@ -62,12 +90,20 @@ def runs_ahead(
         shared = mine & run_limits(run.tags, accounts_of)
         if not shared:
             continue
+        if process_gone(run.tags):
+            why = f"its process {run.tags[RUN_PID]} on {run.tags[RUN_HOST]} is gone"
+            instance.report_run_failed(run, why)
+            if log is not None:
+                log.warning(f"run {run.run_id} was still recorded in progress but {why}: marked failed")
+            continue
         if record.start_time is None:
             # Starting: it will have a start time in a moment; wait to compare, unless it never will.
             if time.time() - record.create_timestamp.timestamp() > UNSTARTED_GRACE_S:
                 continue
             ahead[run.run_id] = set()  # nothing known yet to name
         elif (record.start_time, run.run_id) < my_order:
+            if RUN_PID not in run.tags and time.time() - record.start_time > UNSTARTED_GRACE_S:
+                continue  # started long ago and never reached a sync: killed while loading, or no sync
             ahead[run.run_id] = shared
         # else it started after this run: it is the one that waits
     return ahead
@@ -86,10 +122,11 @@ def wait_for_turn(
 ) -> float:
     """Block until no earlier run shares `mine`; returns the seconds waited. After `timeout_s`,
     fail naming the runs still in the way (an orphaned run stays "started" until monitoring ends it)."""
+    claim(instance, run_id)
     started = time.monotonic()
     told: set[str] = set()
     while True:
-        ahead = runs_ahead(instance, run_id, mine, accounts_of)
+        ahead = runs_ahead(instance, run_id, mine, accounts_of, log)
         if not ahead:
             return time.monotonic() - started
         new = sorted(r for r in ahead if ahead[r] and r not in told)  # only runs known to be ahead

@@ -20,6 +20,8 @@ OMETRIA_ACCOUNT = "mc_pipeline/ometria_account"
 SYNC_KIND = "mc_pipeline/sync"  # "initial", "incremental", "full_refresh", "manual"
 PARTITION = "dagster/partition"  # Dagster's own: on every run of a partition, however launched
 LIMITED_TAGS = (PARTITION, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT)  # one run in progress per value of each
+RUN_HOST = "mc_pipeline/host"  # where a sync's process runs, set as it starts (run_guard.py), so
+RUN_PID = "mc_pipeline/pid"  # a run killed outright (SIGKILL, OOM) is known gone, not waited for
 
 
 def account_tags(client: Client) -> dict[str, str]:
