@@ -147,3 +147,77 @@ def test_known_contacts_from_before_seen_times_are_judged_and_adopted(tmp_path: 
     assert known.folder == legacy / "0123456789abcdef" and not (legacy / "base.parquet").exists()
     gone = known.reconcile(id_keys(pa.array(ids(2))), id_keys, judged_until=datetime(2026, 1, 1, tzinfo=UTC))
     assert gone.column("id").to_pylist() == ids(3)[2:]
+
+
+def test_two_dagster_asset_materialize_of_one_list_never_sync_at_once(tmp_path: Path) -> None:
+    """The issue's own path: the README's `dagster asset materialize`, a full refresh and an
+    incremental, two processes on one DAGSTER_HOME (in process: no queue). The full refresh is
+    frozen (SIGSTOP) while its first page is in flight; the incremental must wait for it."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    from dagster import AssetRecordsFilter
+
+    from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+    from mc_pipeline.jobs import sync_run_config
+    from mc_pipeline.local import patched_environ, sandbox_environment
+    from mc_pipeline.partitions import MAILCHIMP_LISTS
+    from mc_pipeline.sandbox import SandboxConfig
+    from mc_pipeline_tests.helpers import dagster_materialize_command
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    config = SandboxConfig.generated(clients=1, lists_per_client=1, members=1200)
+    with sandbox_environment(config, tmp_path / "work") as env, patched_environ({"DAGSTER_HOME": str(home)}):
+        sb, partition = env.sandbox, env.partition_keys()[0]
+        list_id = partition.split(":")[1]
+        with DagsterInstance.get() as instance:
+            instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])
+            initial = sync(instance, partition).run_id
+            sb.reset_stats()
+            sb.set_fault_rates(list_id, Faults(slow_rate=1e-9, slow_delay_s=1.0))
+            sb.script_faults(list_id, ["slow"])
+
+            def start(*extra: str) -> subprocess.Popen:
+                log = (tmp_path / f"cli-{len(extra)}.log").open("ab")
+                cmd = dagster_materialize_command(partition, *extra)
+                return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+            full = start("--config-json", json.dumps(sync_run_config(full_refresh=True)))
+            try:
+                wait_until(lambda: sb.stats("mailchimp:client-1")["requests"] >= 1, what="the full refresh's fetch")
+                os.killpg(full.pid, signal.SIGSTOP)  # in flight on HTTP, not in a database write
+                (first_id,) = started_runs(instance)
+                new = [sb.add_member(list_id, f"beside-{i}@example.com") for i in range(50)]  # after its window
+                incremental = start()
+                wait_until(
+                    lambda: (
+                        any(waits_logged(instance, r) for r in started_runs(instance) if r != first_id)
+                        or incremental.poll() is not None
+                    ),
+                    timeout_s=120,
+                    what="the incremental to wait",
+                )
+            finally:
+                os.killpg(full.pid, signal.SIGCONT)
+            assert full.wait(120) == 0 and incremental.wait(120) == 0
+            held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
+            opted_out = [m for m in new if held[m["contact_id"]]["marketing_optin"] == "EXPLICITLY_OPTEDOUT"]
+            assert not opted_out, f"{len(opted_out)} of the {len(new)} members pushed beside the full refresh opted out"
+            assert_ometria_matches(sb, partition)
+            (second_id,) = {r.run_id for r in instance.get_runs()} - {initial, first_id}
+            assert waits_logged(instance, second_id), "the second process did not wait for the first"
+            assert instance.get_run_by_id(first_id).run_config == sync_run_config(full_refresh=True)
+            # It started where the full refresh ended, so it synced after it, not beside it.
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=CONTACTS_KEY, asset_partitions=[partition]), limit=5
+            ).records
+            (marks,) = [r.asset_materialization.metadata for r in records if r.run_id == first_id]
+            watermark = datetime.fromtimestamp(marks["watermark"].value, UTC)
+            (pages,) = [
+                e.user_message for e in instance.all_logs(second_id) if "incremental sync of list" in e.user_message
+            ]
+            assert watermark.isoformat() in pages
