@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mc_pipeline.assets.metadata import mask
-from mc_pipeline.assets.watermarks import destination_of
 from mc_pipeline.registry import YamlClientRegistry, parse_partition_key
 from mc_pipeline.resources.ometria import MAX_RECORDS, OmetriaResource, PushStats
 from mc_pipeline.staging import DEAD_LETTER_SCHEMA, STAGING_SCHEMA, dead_letter, parse_page
@@ -118,7 +117,7 @@ def replay(
         finally:
             om.close()
         known = [r for r in records if r.get("id") not in {d["record_id"] for d in still}]
-        storage.known_contacts(partition, destination_of(client, list_id).id).add(
+        storage.known_contacts(partition).add(
             f"replay-{int(time.time())}",
             pa.table({"id": [r["id"] for r in known], "email": [r.get("email") for r in known]}),
         )

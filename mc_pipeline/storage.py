@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,10 +90,14 @@ class PipelineStorage(ConfigurableResource):
     def known_contacts(self, partition: str, destination: str | None = None) -> KnownContacts:
         """The contacts pushed for a partition to one destination (`Destination.id`): contacts of
         another collection, account or URL were never pushed where the next tombstones go.
-        The files of before destinations (directly under known/) go to the first destination asked."""
+        Naming a destination makes it the partition's current one; without one, the current one
+        (what the last sync used: for the dead letters' share and replay). The files of before
+        destinations (directly under known/) go to the first destination named."""
         known = self.partition_dir(partition) / "known"
+        pointer = known / "current"
         if destination is None:
-            return KnownContacts(known)
+            current = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+            return KnownContacts(known / current if DESTINATION_RE.fullmatch(current) else known)
         if not DESTINATION_RE.fullmatch(destination):
             raise ValueError(f"destination id {destination[:40]!r} is not a safe folder name")
         folder = known / destination
@@ -101,6 +106,10 @@ class PipelineStorage(ConfigurableResource):
             folder.mkdir(parents=True)
             for f in legacy:
                 os.replace(f, folder / f.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = known / f".current.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(destination, encoding="utf-8")
+        os.replace(tmp, pointer)
         return KnownContacts(folder)
 
     def prune(self, partition: str, keep_also: tuple[str, ...] = ()) -> list[str]:

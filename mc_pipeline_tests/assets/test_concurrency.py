@@ -145,6 +145,7 @@ def test_known_contacts_from_before_seen_times_are_judged_and_adopted(tmp_path: 
     pq.write_table(pa.table({"id": ids(3), "email": ["a", "b", "c"]}), legacy / "base.parquet")
     known = storage.known_contacts("acme:1a2d7ebf82", "0123456789abcdef")
     assert known.folder == legacy / "0123456789abcdef" and not (legacy / "base.parquet").exists()
+    assert storage.known_contacts("acme:1a2d7ebf82").folder == known.folder  # now the current destination
     gone = known.reconcile(id_keys(pa.array(ids(2))), id_keys, judged_until=datetime(2026, 1, 1, tzinfo=UTC))
     assert gone.column("id").to_pylist() == ids(3)[2:]
 

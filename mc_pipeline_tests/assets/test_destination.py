@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import yaml
 from dagster import DagsterInstance
 
@@ -12,6 +13,7 @@ from mc_pipeline.assets.watermarks import DESTINATION, destination_of, latest_wa
 from mc_pipeline.local import LocalEnvironment, patched_environ
 from mc_pipeline.registry import Client, YamlClientRegistry, write_registry
 from mc_pipeline.resources.limits import fingerprint
+from mc_pipeline.sandbox import Sandbox
 from mc_pipeline.storage import PipelineStorage
 from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, sync
 
@@ -30,13 +32,19 @@ def edit_client(env: LocalEnvironment, client_id: str, **changes: object) -> Cli
     return YamlClientRegistry(env.registry).client(client_id)
 
 
-def test_a_new_collection_prefix_starts_with_a_full_sync_into_the_new_collection(
-    small_env: LocalEnvironment, instance: DagsterInstance
-) -> None:
-    sb = small_env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
+@pytest.fixture
+def synced(small_env: LocalEnvironment, instance: DagsterInstance) -> tuple[Sandbox, str, str]:
+    """The first list of client-1, synced once into its default collection."""
+    list_id = small_env.sandbox.client("client-1").list_ids[0]
     partition = f"client-1:{list_id}"
     assert sync(instance, partition).success
+    return small_env.sandbox, list_id, partition
+
+
+def test_a_new_collection_prefix_starts_with_a_full_sync_into_the_new_collection(
+    small_env: LocalEnvironment, instance: DagsterInstance, synced: tuple[Sandbox, str, str]
+) -> None:
+    sb, list_id, partition = synced
     assert sync(instance, partition).success  # incremental: the destination has not changed
     client = edit_client(small_env, "client-1", collection_prefix="brand2")
 
@@ -50,19 +58,18 @@ def test_a_new_collection_prefix_starts_with_a_full_sync_into_the_new_collection
     why = [e.user_message for e in instance.all_logs(moved.run_id) if "destination changed" in (e.user_message or "")]
     assert why and "mailchimp-" in why[0]  # the log says why, naming the old collection
     # The known contacts are the new destination's own; the next run is incremental again.
-    known = PipelineStorage(data_dir=str(small_env.data_dir)).known_contacts(partition, destination_of(client, list_id).id)
+    storage = PipelineStorage(data_dir=str(small_env.data_dir))
+    known = storage.known_contacts(partition, destination_of(client, list_id).id)
+    assert storage.known_contacts(partition).folder == known.folder  # the current one, for the dead letters
     assert known.read().num_rows == len(sb.ometria_contacts("client-1", f"brand2-{list_id}"))
     again = sync(instance, partition)
     assert metadata(again, "mailchimp/member_pages")["full_refresh"] is False
 
 
 def test_every_part_of_a_destination_moves_its_watermark_and_the_key_is_never_recorded(
-    small_env: LocalEnvironment, instance: DagsterInstance
+    small_env: LocalEnvironment, instance: DagsterInstance, synced: tuple[Sandbox, str, str]
 ) -> None:
-    sb = small_env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
-    partition = f"client-1:{list_id}"
-    assert sync(instance, partition).success
+    sb, list_id, partition = synced
     client = YamlClientRegistry(small_env.registry).client("client-1")
     before = destination_of(client, list_id)
     assert latest_watermarks(instance, partition, before).since is not None
