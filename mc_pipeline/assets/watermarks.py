@@ -19,7 +19,7 @@ from mc_pipeline.registry import Client, ClientRegistry, RegistryError, SecretEr
 from mc_pipeline.resources.limits import fingerprint
 from mc_pipeline.resources.ometria import DEFAULT_BASE_URL
 from mc_pipeline.run_guard import run_limits, wait_for_turn
-from mc_pipeline.tags import OMETRIA_ACCOUNT, account_tags
+from mc_pipeline.tags import OMETRIA_ACCOUNT, account_tags, limited_values
 
 CONTACTS_KEY = AssetKey(["ometria", "contacts"])
 WATERMARK = "watermark"
@@ -74,11 +74,12 @@ def begin_sync(
                 accounts[client_id] = {}
         return accounts[client_id]
 
-    tags = {**context.run.tags, **account_tags(client)}
+    # What this run holds: its partition, the accounts of its tags and those of the registry now.
+    mine = run_limits(context.run.tags, accounts_of) | limited_values(account_tags(client))
     waited = wait_for_turn(
         context.instance,
         context.run.run_id,
-        run_limits(tags, accounts_of),
+        mine,
         accounts_of,
         context.log,
         what=partition,
