@@ -15,7 +15,7 @@ from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.sandbox.config import Faults
 from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import KnownContacts
-from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, sync
+from mc_pipeline_tests.helpers import assert_ometria_matches, sync
 
 HOLD_S = 4.0  # how long the first run's first Mailchimp page is held: the second run starts meanwhile
 
@@ -35,67 +35,23 @@ def waits_logged(instance: DagsterInstance, run_id: str) -> list[str]:
     return [e.user_message for e in instance.all_logs(run_id) if "waiting for run(s)" in (e.user_message or "")]
 
 
-def run_beside(env: LocalEnvironment, instance: DagsterInstance, first: dict, second: dict):
-    """Start `first`, hold its first page of list `first['hold']`, start `second` while it is held."""
-    sb = env.sandbox
-    sb.set_fault_rates(first["hold"], Faults(slow_rate=1e-9, slow_delay_s=HOLD_S))
-    sb.script_faults(first["hold"], ["slow"])
-    with ThreadPoolExecutor(2) as pool:
-        one = pool.submit(sync, instance, first["partition"], full_refresh=first.get("full", False))
-        wait_until(lambda: len(started_runs(instance)) == 1, what="the first run to start")
-        first_id = started_runs(instance)[0]
-        for m in first.get("add_while_running", []):
-            sb.add_member(first["hold"], m)
-        two = pool.submit(sync, instance, second["partition"], full_refresh=second.get("full", False))
-        a, b = one.result(), two.result()
-    sb.set_fault_rates(first["hold"], None)
-    assert a.run_id == first_id and a.success and b.success
-    return a, b
-
-
-def test_an_incremental_beside_a_full_refresh_of_the_same_list_waits_and_opts_no_one_out(
-    small_env: LocalEnvironment, instance: DagsterInstance
-) -> None:
-    """The issue's race: the full refresh's known contacts minus its listing tombstoned the
-    members the incremental had just pushed. Here the incremental, started while the full
-    refresh runs, waits for it, then starts from its watermark; nothing is opted out."""
-    sb = small_env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
-    partition = f"client-1:{list_id}"
-    assert sync(instance, partition).success
-    new = [f"beside-{i}@example.com" for i in range(50)]
-    full, incremental = run_beside(
-        small_env,
-        instance,
-        {"partition": partition, "hold": list_id, "full": True, "add_while_running": new},
-        {"partition": partition},
-    )
-    assert waits_logged(instance, incremental.run_id), "the second run did not wait for the first"
-    assert not waits_logged(instance, full.run_id)
-    full_md, inc_pages = metadata(full, "ometria/contacts"), metadata(incremental, "mailchimp/member_pages")
-    # The incremental's window starts where the full refresh's ended: it ran after, not beside it.
-    assert inc_pages["window_since"] == datetime.fromtimestamp(full_md["watermark"], UTC).isoformat()
-    assert full_md["deleted_in_mailchimp_opted_out"] == 0
-    assert metadata(incremental, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 0
-    held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
-    for email in new:
-        assert held[sb.mailchimp_list(list_id).get(email)["contact_id"]]["marketing_optin"] != "EXPLICITLY_OPTEDOUT"
-    assert_ometria_matches(sb, partition)
-
-
 def test_two_lists_of_one_account_without_account_tags_do_not_sync_at_once(
     small_env: LocalEnvironment, instance: DagsterInstance
 ) -> None:
     """`materialize` (like the asset graph and `dagster asset materialize`) runs the implicit asset
-    job: no account tags, no queue. The run finds its accounts in the registry and waits."""
+    job: no account tags, no queue. The second run finds its accounts in the registry and waits
+    for the first, whose first page is held while the second starts."""
     sb = small_env.sandbox
     first_list, second_list = sb.client("client-1").list_ids
-    a, b = run_beside(
-        small_env,
-        instance,
-        {"partition": f"client-1:{first_list}", "hold": first_list},
-        {"partition": f"client-1:{second_list}"},
-    )
+    sb.set_fault_rates(first_list, Faults(slow_rate=1e-9, slow_delay_s=HOLD_S))
+    sb.script_faults(first_list, ["slow"])
+    with ThreadPoolExecutor(2) as pool:
+        one = pool.submit(sync, instance, f"client-1:{first_list}")
+        wait_until(lambda: len(started_runs(instance)) == 1, what="the first run to start")
+        (first_id,) = started_runs(instance)
+        two = pool.submit(sync, instance, f"client-1:{second_list}")
+        a, b = one.result(), two.result()
+    assert a.run_id == first_id and a.success and b.success
     assert "mc_pipeline/ometria_account" not in instance.get_run_by_id(b.run_id).tags
     (line,) = waits_logged(instance, b.run_id)
     assert a.run_id in line and "mc_pipeline/ometria_account=client-1" in line
