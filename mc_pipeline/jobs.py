@@ -14,7 +14,7 @@ from mc_pipeline.assets.mailchimp import CONTACTS_KEY, PAGES_KEY
 from mc_pipeline.dead_letters import CHECK_NAME
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
-from mc_pipeline.tags import CLIENT, LIST, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, SYNC_KIND, run_tags
+from mc_pipeline.tags import CLIENT, LIST, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, account_tags
 
 SYNC_JOB = "mailchimp_to_ometria_sync"
 PAGES_OP = "__".join(PAGES_KEY.path)  # the op name Dagster gives the asset mailchimp/member_pages
@@ -25,8 +25,9 @@ def sync_run_config(full_refresh: bool = False) -> dict[str, Any]:
 
 
 def partition_tags(partition_key: str) -> dict[str, str]:
-    """Tags every run of a partition gets, however it is launched (launchpad, backfill, schedule):
-    the account tags are what the run queue limits, one run at a time per account.
+    """Tags every run of the job for a partition gets, however it is launched (launchpad, backfill,
+    schedule): the account tags are what the run queue limits, one run at a time per account
+    (`dagster/partition`, limited too, Dagster adds itself).
 
     No `mc_pipeline/sync` kind here: Dagster lets these tags override a RunRequest's own, and
     the sensor's and schedules' kinds ("initial", "incremental") must survive.
@@ -36,8 +37,7 @@ def partition_tags(partition_key: str) -> dict[str, str]:
     path = os.environ.get("MC_PIPELINE_CLIENTS")
     if path:
         with contextlib.suppress(RegistryError, KeyError):  # the run will fail with the registry's message
-            tags = run_tags(YamlClientRegistry(path).client(client_id), list_id, "")
-    tags.pop(SYNC_KIND, None)
+            tags.update(account_tags(YamlClientRegistry(path).client(client_id)))
     return tags
 
 

@@ -99,9 +99,13 @@ def ometria_differences(sb: Sandbox, client_id: str, list_id: str, collection: s
 
 
 def local_instance_yaml(max_concurrent_runs: int = 4) -> str:
-    """A SQLite instance with the production run queue: one run at a time per account."""
-    from mc_pipeline.tags import MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT
+    """A SQLite instance with the production run queue: one run at a time per partition and per account."""
+    from mc_pipeline.tags import LIMITED_TAGS
 
+    limits = "".join(
+        f"      - key: {key}\n        value: {{applyLimitPerUniqueValue: true}}\n        limit: 1\n"
+        for key in LIMITED_TAGS
+    )
     return (
         "run_coordinator:\n"
         "  module: dagster._core.run_coordinator\n"
@@ -110,8 +114,7 @@ def local_instance_yaml(max_concurrent_runs: int = 4) -> str:
         f"    max_concurrent_runs: {max_concurrent_runs}\n"
         "    dequeue_interval_seconds: 1\n"
         "    tag_concurrency_limits:\n"
-        f"      - key: {MAILCHIMP_ACCOUNT}\n        value: {{applyLimitPerUniqueValue: true}}\n        limit: 1\n"
-        f"      - key: {OMETRIA_ACCOUNT}\n        value: {{applyLimitPerUniqueValue: true}}\n        limit: 1\n"
+        f"{limits}"
         "telemetry:\n  enabled: false\n"
     )
 

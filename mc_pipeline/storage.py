@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from pydantic import Field
 from mc_pipeline.registry import parse_partition_key
 
 RUN_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: `$` would let "id\n" through
+DESTINATION_RE = re.compile(r"[0-9a-f]{16}")
 
 
 def default_data_dir() -> Path:
@@ -82,8 +85,30 @@ class PipelineStorage(ConfigurableResource):
         folder.root.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def known_contacts(self, partition: str) -> KnownContacts:
-        return KnownContacts(self.partition_dir(partition) / "known")
+    def known_contacts(self, partition: str, destination: str | None = None) -> KnownContacts:
+        """The contacts pushed for a partition to one destination (`Destination.id`): contacts of
+        another collection, account or URL were never pushed where the next tombstones go.
+        Naming a destination makes it the partition's current one; without one, the current one
+        (what the last sync used: for the dead letters' share and replay). The files of before
+        destinations (directly under known/) go to the first destination named."""
+        known = self.partition_dir(partition) / "known"
+        pointer = known / "current"
+        if destination is None:
+            current = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+            return KnownContacts(known / current if DESTINATION_RE.fullmatch(current) else known)
+        if not DESTINATION_RE.fullmatch(destination):
+            raise ValueError(f"destination id {destination[:40]!r} is not a safe folder name")
+        folder = known / destination
+        legacy = list(known.glob("*.parquet")) if known.is_dir() else []
+        if legacy and not folder.exists():
+            folder.mkdir(parents=True)
+            for f in legacy:
+                os.replace(f, folder / f.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = known / f".current.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(destination, encoding="utf-8")
+        os.replace(tmp, pointer)
+        return KnownContacts(folder)
 
     def prune(self, partition: str, keep_also: tuple[str, ...] = ()) -> list[str]:
         """Remove the oldest run folders beyond `keep_runs`; never those named in `keep_also`.
@@ -103,16 +128,23 @@ class PipelineStorage(ConfigurableResource):
         return removed
 
 
-KNOWN_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("email", pa.string())])
+KNOWN_SCHEMA = pa.schema(
+    [pa.field("id", pa.string()), pa.field("email", pa.string()), pa.field("seen", pa.timestamp("s", tz="UTC"))]
+)
+_NEVER = np.iinfo(np.int64).min  # a row without `seen` (written before it existed): as old as can be
 
 
 class KnownContacts:
-    """The contact ids this pipeline has pushed for one partition (with their last email).
+    """The contact ids this pipeline has pushed for one partition and destination (with their
+    last email, and `seen`: the upper bound of the window of the run that pushed them).
 
     Mailchimp forgets a member deleted outright; only this record tells a full refresh which
     contacts Ometria still holds for the list. Each import appends a delta file; a full refresh
-    folds them into one base file. Everything streams by row group and keeps 8-byte keys, not
-    strings, in memory, so a list of millions costs tens of megabytes, not gigabytes.
+    folds them into one base file. A full fetch lists only members last changed up to its window's
+    upper bound, so only contacts seen up to that bound can be judged: one pushed by a run that
+    started later (beside it, or after it) is never taken for deleted. Everything streams by row
+    group and keeps 8-byte keys, not strings, in memory, so a list of millions costs tens of
+    megabytes, not gigabytes.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -124,8 +156,11 @@ class KnownContacts:
         base = self.folder / "base.parquet"
         return deltas + ([base] if base.exists() else [])
 
-    def add(self, run_id: str, contacts: pa.Table | Path, exclude: set[str] | None = None) -> None:
-        """Record the contacts of a Parquet file (streamed) or a table, but the ids in `exclude`."""
+    def add(
+        self, run_id: str, contacts: pa.Table | Path, exclude: set[str] | None = None, seen: datetime | None = None
+    ) -> None:
+        """Record the contacts of a Parquet file (streamed) or a table, but the ids in `exclude`,
+        as seen at `seen` (default: now)."""
         if not RUN_ID_RE.fullmatch(run_id):
             raise ValueError("unsafe run id")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -136,11 +171,13 @@ class KnownContacts:
             if isinstance(contacts, Path)
             else contacts.select(["id", "email"]).to_batches()
         )
+        stamp = pa.scalar(seen or datetime.now(UTC), KNOWN_SCHEMA.field("seen").type)
         drop = pa.array(sorted(exclude or ()), pa.string())
         rows = 0
         with pq.ParquetWriter(tmp, KNOWN_SCHEMA) as out:
             for batch in batches:
-                table = pa.Table.from_batches([batch]).cast(KNOWN_SCHEMA)
+                table = pa.Table.from_batches([batch])
+                table = _known(table.append_column("seen", pa.array([stamp] * table.num_rows, stamp.type)))
                 if len(drop):
                     table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=drop)))
                 out.write_table(table)
@@ -155,39 +192,72 @@ class KnownContacts:
         files = self.files()
         if not files:
             return KNOWN_SCHEMA.empty_table()
-        table = pa.concat_tables([pq.read_table(f).cast(KNOWN_SCHEMA) for f in files])
+        table = pa.concat_tables([_known(pq.read_table(f)) for f in files])
         ids = table.column("id")
         return table.take(pc.index_in(pc.unique(ids), value_set=ids))  # each id's first, i.e. newest, row
 
-    def reconcile(self, listed: np.ndarray, key: Callable[[pa.Array], np.ndarray]) -> pa.Table:
-        """Fold every file into a new base of the contacts still `listed` (64-bit keys, from `key`)
-        and return the others: contacts Mailchimp no longer has."""
+    def reconcile(
+        self, listed: np.ndarray, key: Callable[[pa.Array], np.ndarray], judged_until: datetime | None = None
+    ) -> pa.Table:
+        """Fold every file into a new base and return the contacts Mailchimp no longer has: not in
+        `listed` (64-bit keys, from `key`) and seen last at or before `judged_until` (the full
+        fetch's bound; None judges all). The others stay, with the latest time each was seen."""
         files = self.files()
         if not files:
             return KNOWN_SCHEMA.empty_table()
-        # Pass 1: the keys, newest file first, and which row of each key is its newest.
-        keys = np.concatenate(
-            [key(b.column(0)) for f in files for b in pq.ParquetFile(f).iter_batches(batch_size=50_000, columns=["id"])]
-        )
+        # Pass 1: the keys and times seen, newest file first; which row of each key is its newest.
+        keys_l, seen_l = [], []
+        for f in files:
+            for b in _batches(f):
+                keys_l.append(key(b.column("id")))
+                seen_l.append(_seconds(b.column("seen")))
+        keys, seen = np.concatenate(keys_l), np.concatenate(seen_l)
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         newest = np.zeros(len(keys), dtype=bool)
-        newest[np.unique(keys, return_index=True)[1]] = True
+        newest[first] = True
+        last_seen = np.full(len(first), _NEVER, dtype=np.int64)
+        np.maximum.at(last_seen, inverse, seen)
+        row_seen = last_seen[inverse]
         still = np.isin(keys, listed)
+        if judged_until is not None:
+            still |= row_seen > int(judged_until.timestamp())
         # Pass 2: stream the rows again into the new base, keeping the gone ones aside.
         gone: list[pa.Table] = []
         tmp = self.folder / ".base.parquet.tmp"
         start = 0
         with pq.ParquetWriter(tmp, KNOWN_SCHEMA) as out:
             for f in files:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=50_000, columns=["id", "email"]):
-                    table = pa.Table.from_batches([batch]).cast(KNOWN_SCHEMA)
-                    end = start + table.num_rows
-                    first, kept = newest[start:end], still[start:end]
-                    out.write_table(table.filter(pa.array(first & kept)))
-                    if (first & ~kept).any():
-                        gone.append(table.filter(pa.array(first & ~kept)))
+                for batch in _batches(f):
+                    end = start + batch.num_rows
+                    stamps = row_seen[start:end]
+                    stamp = pa.array(stamps, pa.int64(), mask=stamps == _NEVER).cast(KNOWN_SCHEMA.field("seen").type)
+                    table = pa.Table.from_batches([batch]).set_column(2, "seen", stamp)
+                    first_row, kept = newest[start:end], still[start:end]
+                    out.write_table(table.filter(pa.array(first_row & kept)))
+                    if (first_row & ~kept).any():
+                        gone.append(table.filter(pa.array(first_row & ~kept)))
                     start = end
         os.replace(tmp, self.folder / "base.parquet")
         for f in files:
             if f.name != "base.parquet":
                 f.unlink()
         return pa.concat_tables(gone) if gone else KNOWN_SCHEMA.empty_table()
+
+
+def _known(table: pa.Table) -> pa.Table:
+    """A known-contacts table in today's schema; files from before `seen` get it empty."""
+    if "seen" not in table.column_names:
+        table = table.append_column("seen", pa.nulls(table.num_rows, KNOWN_SCHEMA.field("seen").type))
+    return table.select(KNOWN_SCHEMA.names).cast(KNOWN_SCHEMA)
+
+
+def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+    source = pq.ParquetFile(path)
+    columns = [c for c in KNOWN_SCHEMA.names if c in source.schema_arrow.names]
+    for batch in source.iter_batches(batch_size=50_000, columns=columns):
+        yield from _known(pa.Table.from_batches([batch])).to_batches()
+
+
+def _seconds(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    as_int = pc.cast(column, pa.timestamp("s", tz="UTC")).cast(pa.int64())
+    return np.asarray(pc.fill_null(as_int, _NEVER).to_numpy(zero_copy_only=False), dtype=np.int64)

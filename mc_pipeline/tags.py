@@ -1,10 +1,15 @@
 """Run tags: who a run is for, and the accounts whose limits it shares with other runs.
 
-The run queue limits concurrent runs per unique value of the two account tags (dagster.yaml),
-so the lists of one account never sync at once from two processes.
+The run queue limits concurrent runs per unique value of `dagster/partition` and of the two
+account tags (dagster.yaml), so one list never syncs twice at once and the lists of one account
+never sync at once from two processes. Runs that bypass the queue (the CLI executes in process)
+or lack the account tags (the asset graph's implicit job) are held by the run itself
+(mc_pipeline/run_guard.py), which reads the same tags, or the registry when they are missing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from mc_pipeline.registry import Client
 
@@ -13,13 +18,24 @@ LIST = "mc_pipeline/list"
 MAILCHIMP_ACCOUNT = "mc_pipeline/mailchimp_account"
 OMETRIA_ACCOUNT = "mc_pipeline/ometria_account"
 SYNC_KIND = "mc_pipeline/sync"  # "initial", "incremental", "full_refresh", "manual"
+PARTITION = "dagster/partition"  # Dagster's own: on every run of a partition, however launched
+LIMITED_TAGS = (PARTITION, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT)  # one run in progress per value of each
+RUN_HOST = "mc_pipeline/host"  # where a sync's process runs, set as it starts (run_guard.py), so
+RUN_PID = "mc_pipeline/pid"  # a run killed outright (SIGKILL, OOM) is known gone, not waited for
+
+
+def account_tags(client: Client) -> dict[str, str]:
+    """The two accounts a client's runs use: the registry's `account:`, else the client id."""
+    return {
+        MAILCHIMP_ACCOUNT: client.mailchimp.account or client.id,
+        OMETRIA_ACCOUNT: client.ometria.account or client.id,
+    }
 
 
 def run_tags(client: Client, list_id: str, kind: str) -> dict[str, str]:
-    return {
-        CLIENT: client.id,
-        LIST: list_id,
-        MAILCHIMP_ACCOUNT: client.mailchimp.account or client.id,
-        OMETRIA_ACCOUNT: client.ometria.account or client.id,
-        SYNC_KIND: kind,
-    }
+    return {CLIENT: client.id, LIST: list_id, **account_tags(client), SYNC_KIND: kind}
+
+
+def limited_values(tags: Mapping[str, str]) -> set[tuple[str, str]]:
+    """The (tag, value) pairs of `LIMITED_TAGS` a run holds: two runs sharing one must not overlap."""
+    return {(key, tags[key]) for key in LIMITED_TAGS if tags.get(key)}

@@ -143,7 +143,7 @@ def test_known_contacts_fold_newest_first_and_return_the_gone(tmp_path: Path) ->
     time.sleep(0.01)
     known.add("run2", pa.table({"id": ["b" * 32, "c" * 32], "email": ["b2@x.org", "c@x.org"]}))
     gone = known.reconcile(id_keys(pa.array(["a" * 32, "c" * 32])), id_keys)
-    assert gone.to_pylist() == [{"id": "b" * 32, "email": "b2@x.org"}]  # the newest email
+    assert gone.select(["id", "email"]).to_pylist() == [{"id": "b" * 32, "email": "b2@x.org"}]  # the newest email
     assert sorted(r["id"] for r in known.read().to_pylist()) == ["a" * 32, "c" * 32]
     assert [f.name for f in known.files()] == ["base.parquet"]
 

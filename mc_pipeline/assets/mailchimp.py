@@ -14,7 +14,6 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
-    AssetRecordsFilter,
     Config,
     DagsterInstance,
     Failure,
@@ -26,6 +25,7 @@ from pydantic import Field
 
 from mc_pipeline.assets.metadata import parquet_metadata
 from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers, Window
+from mc_pipeline.assets.watermarks import CONTACTS_KEY, begin_sync, latest_watermark, latest_watermarks
 from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
@@ -36,33 +36,17 @@ from mc_pipeline.storage import PipelineStorage
 
 PAGES_KEY = AssetKey(["mailchimp", "member_pages"])
 MEMBERS_KEY = AssetKey(["mailchimp", "members"])
-CONTACTS_KEY = AssetKey(["ometria", "contacts"])
 GROUP = "mailchimp_to_ometria"
-WATERMARK = "watermark"
-ARCHIVED_WATERMARK = "archived_watermark"
+__all__ = ["CONTACTS_KEY", "latest_watermark", "latest_watermarks"]  # their home is watermarks.py
 
 
 class SyncConfig(Config):
-    full_refresh: bool = Field(False, description="ignore the watermark and fetch the whole list")
-
-
-def latest_watermarks(instance: DagsterInstance, partition: str) -> tuple[datetime | None, datetime | None]:
-    """(members, archived) upper bounds of this partition's latest successful import, from Dagster."""
-    result = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=CONTACTS_KEY, asset_partitions=[partition]), limit=1
+    full_refresh: bool = Field(default=False, description="ignore the watermark and fetch the whole list")
+    wait_for_other_runs_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="how long to wait for runs in progress of the same list or account before failing",
     )
-    for record in result.records:
-        md = record.asset_materialization.metadata if record.asset_materialization else {}
-        main, archived = md.get(WATERMARK), md.get(ARCHIVED_WATERMARK)
-        return (
-            datetime.fromtimestamp(float(main.value), UTC) if main is not None else None,
-            datetime.fromtimestamp(float(archived.value), UTC) if archived is not None else None,
-        )
-    return None, None
-
-
-def latest_watermark(instance: DagsterInstance, partition: str) -> datetime | None:
-    return latest_watermarks(instance, partition)[0]
 
 
 def run_started_at(instance: DagsterInstance, run_id: str) -> datetime:
@@ -113,7 +97,9 @@ def member_pages(
         keys = registry.credentials(client, list_id)
     except ApiError as exc:
         raise failure(exc) from None
-    since, archived_since = (None, None) if config.full_refresh else latest_watermarks(context.instance, partition)
+    destination, (since, archived_since, _) = begin_sync(
+        context, client, list_id, registry.registry, config.full_refresh, config.wait_for_other_runs_s
+    )
     folder = storage.run_folder(partition, run_id)
     folder.pages.mkdir(parents=True, exist_ok=True)
     context.log.info(
@@ -188,7 +174,13 @@ def member_pages(
     overlap_rows = sum(f.overlap_rows for f in sweeps)
     seconds = sum(f.stats.seconds for f in sweeps)
     run = RunFiles(
-        partition=partition, client_id=client.id, list_id=list_id, run_id=run_id, folder=str(folder.root), window=window
+        partition=partition,
+        client_id=client.id,
+        list_id=list_id,
+        run_id=run_id,
+        folder=str(folder.root),
+        window=window,
+        destination=destination,
     )
     context.log.info(
         f"{partition}: {main.members} members and {archived_members} archived ({rows} rows in {pages} pages, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +34,22 @@ class Window(_Model):
         return f"({start}, {self.before.isoformat()}]"
 
 
+class Destination(_Model):
+    """Where a list's contacts go. A watermark holds only for the destination it was recorded for:
+    a new collection, account, key or URL has none of the list yet, so it starts with a full sync."""
+
+    base_url: str
+    account: str
+    collection: str
+    key: str  # a fingerprint of the Ometria key (resources/limits.py), never the key
+
+    @property
+    def id(self) -> str:
+        """A short stable name: the folder of its known contacts, the match of its watermark."""
+        raw = "\n".join((self.base_url, self.account, self.collection, self.key))
+        return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+
+
 class RunFiles(_Model):
     partition: str
     client_id: str
@@ -40,6 +57,7 @@ class RunFiles(_Model):
     run_id: str
     folder: str
     window: Window
+    destination: Destination | None = None  # None only in descriptors written before destinations
 
 
 class PageSet(_Model):

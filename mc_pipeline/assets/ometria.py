@@ -23,16 +23,10 @@ from dagster import (
     op,
 )
 
-from mc_pipeline.assets.mailchimp import (
-    ARCHIVED_WATERMARK,
-    CONTACTS_KEY,
-    GROUP,
-    MEMBERS_KEY,
-    WATERMARK,
-    failure,
-)
+from mc_pipeline.assets.mailchimp import GROUP, MEMBERS_KEY, failure
 from mc_pipeline.assets.metadata import parquet_metadata
-from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers, Window
+from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers
+from mc_pipeline.assets.watermarks import CONTACTS_KEY, known_until, watermark_metadata
 from mc_pipeline.dead_letters import settle_run, write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
@@ -139,8 +133,7 @@ def import_to_ometria(
     return Output(
         result,
         metadata={
-            WATERMARK: MetadataValue.timestamp(run.window.before),
-            **_archived_watermark(run.window),
+            **watermark_metadata(run),
             "window_since": MetadataValue.text(run.window.since.isoformat() if run.window.since else "(full sync)"),
             "full_refresh": run.window.full_refresh,
             "collection": contacts.collection,
@@ -183,9 +176,11 @@ def _remember_and_reconcile(
     Returns how many were opted out, and the dead letters of any Ometria refused.
     """
     run = contacts.run
-    known = storage.known_contacts(run.partition)
+    known = storage.known_contacts(run.partition, run.destination.id if run.destination else None)
     had_history = bool(known.files())  # on a list's first sync there is nothing to reconcile
-    known.add(run.run_id, Path(contacts.path), exclude={d["record_id"] for d in rejected})
+    # Seen at this run's window bound: a full refresh running beside this one (or started before
+    # it) listed only members changed up to its own bound, so it must not judge these.
+    known.add(run.run_id, Path(contacts.path), exclude={d["record_id"] for d in rejected}, seen=run.window.before)
     if not run.window.full_refresh or not had_history:
         return 0, []
     staged = pq.ParquetFile(RunFolder(Path(run.folder)).members)
@@ -198,7 +193,7 @@ def _remember_and_reconcile(
             ]
         )
     )
-    gone = known.reconcile(listed, id_keys)
+    gone = known.reconcile(listed, id_keys, judged_until=known_until(run.window))
     dead: list[dict] = []
     if gone.num_rows:
         context.log.warning(
@@ -208,15 +203,6 @@ def _remember_and_reconcile(
         batches = [tombstones(b, contacts.collection, run.window.before) for b in gone.to_batches(MAX_RECORDS)]
         dead = _push(context, client, ometria, stats, run.list_id, lambda: iter(batches))
     return gone.num_rows, dead
-
-
-def _archived_watermark(window: Window) -> dict:
-    """The archived sweep's bound moves only when it ran; otherwise the previous one carries over."""
-    if window.archived_before is not None:
-        return {ARCHIVED_WATERMARK: MetadataValue.timestamp(window.archived_before)}
-    if window.archived_since is not None:
-        return {ARCHIVED_WATERMARK: MetadataValue.timestamp(window.archived_since)}
-    return {}
 
 
 def _push_contacts(

@@ -352,11 +352,10 @@ def test_dagster_yaml_passes_dagsters_validation(dagster_home, monkeypatch):
     assert coordinator.get_run_queue_config().max_concurrent_runs == 8
 
 
-def test_dagster_yaml_limits_one_run_per_account():
+def test_dagster_yaml_limits_one_run_per_partition_and_per_account():
     limits = dagster_yaml()["run_coordinator"]["config"]["tag_concurrency_limits"]
     assert sorted(limits, key=lambda x: x["key"]) == [
-        {"key": tags.MAILCHIMP_ACCOUNT, "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
-        {"key": tags.OMETRIA_ACCOUNT, "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
+        {"key": key, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} for key in sorted(tags.LIMITED_TAGS)
     ]
 
 
@@ -418,10 +417,7 @@ def test_instance_from_the_repositorys_dagster_yaml_on_postgresql(pg_env, dagste
         assert queue is not None and queue.max_concurrent_runs == 8
         assert {
             (x["key"], x["limit"], x["value"]["applyLimitPerUniqueValue"]) for x in queue.tag_concurrency_limits
-        } == {
-            (tags.MAILCHIMP_ACCOUNT, 1, True),
-            (tags.OMETRIA_ACCOUNT, 1, True),
-        }
+        } == {(key, 1, True) for key in tags.LIMITED_TAGS}
         assert queue.max_user_code_failure_retries == 3
 
         assert isinstance(instance.run_launcher, DefaultRunLauncher)
