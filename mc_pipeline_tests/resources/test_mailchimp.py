@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
@@ -11,12 +13,7 @@ import pytest
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.registry import YamlClientRegistry
 from mc_pipeline.resources.errors import MailchimpAuthError, MailchimpNotFound, MailchimpUnavailable
-from mc_pipeline.resources.mailchimp import (
-    MEMBERS_FIELDS_PARAM,
-    MailchimpResource,
-    Page,
-    datacenter_url,
-)
+from mc_pipeline.resources.mailchimp import MEMBERS_FIELDS_PARAM, MailchimpResource, datacenter_url
 from mc_pipeline.sandbox import Latency
 
 FAST = MailchimpResource(backoff_base_s=0.01, backoff_cap_s=0.05)
@@ -26,18 +23,41 @@ def client_of(env: LocalEnvironment, resource: MailchimpResource = FAST):
     return resource.client(YamlClientRegistry(env.registry).client("client-1"))
 
 
+@dataclass(frozen=True)
+class Written:
+    kind: str
+    pass_no: int
+    offset: int
+    raw: bytes
+
+
+class Pages:
+    """A `PageWriter` that keeps what it is given; `after_first` runs once the first page is in."""
+
+    def __init__(self, after_first: Callable[[], None] | None = None) -> None:
+        self.written: list[Written] = []
+        self.after_first = after_first
+        self.lock = threading.Lock()
+
+    def write_page(self, kind: str, pass_no: int, offset: int, raw: bytes) -> None:
+        with self.lock:
+            first = not self.written
+            self.written.append(Written(kind, pass_no, offset, raw))
+        if first and self.after_first is not None:
+            self.after_first()
+
+    def ids(self, kind: str = "members") -> list[str]:
+        return [m["id"] for p in self.written if p.kind == kind for m in orjson.loads(p.raw)["members"]]
+
+
 def collect(env: LocalEnvironment, list_id: str, resource: MailchimpResource = FAST, **window):
-    pages: list[Page] = []
-    lock = threading.Lock()
-
-    def on_page(p: Page, pass_no: int) -> None:
-        with lock:
-            pages.append(p)
-
+    """The members' sweep of a window alone."""
+    pages = Pages()
     with client_of(env, resource) as mc:
-        fetched = mc.fetch_window(list_id, since=window.get("since"), before=window.get("before"), on_page=on_page)
-    ids = [m["id"] for p in pages for m in orjson.loads(p.raw)["members"]]
-    return fetched.stats, fetched.total_first, pages, ids
+        fetched = mc.fetch(
+            list_id, pages, since=window.get("since"), before=window.get("before"), sweep_archived=False
+        ).members
+    return fetched.stats, fetched.total_first, pages.written, pages.ids()
 
 
 def test_datacenter_comes_from_the_key() -> None:
@@ -162,21 +182,16 @@ def _fetch_with_changes_after_first_page(env: LocalEnvironment, list_id: str, le
     sb = env.sandbox
     front = sb.mailchimp_list(list_id).members(include_archived=False)
     front.sort(key=lambda m: m["last_changed"])
-    pages: list[Page] = []
-    lock = threading.Lock()
 
-    def on_page(page: Page, pass_no: int) -> None:
-        with lock:
-            first = not pages
-            pages.append(page)
-        if first:  # the other pages are evaluated after these changes: offsets shift under them
-            for m in front[100 : 100 + leave]:
-                sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
+    def leave_the_window() -> None:  # the other pages are evaluated after these changes: offsets shift under them
+        for m in front[100 : 100 + leave]:
+            sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
 
+    pages = Pages(after_first=leave_the_window)
     resource = MailchimpResource(page_size=200, page_overlap=overlap, backoff_base_s=0.01)
     with client_of(env, resource) as mc:
-        fetched = mc.fetch_window(list_id, since=None, on_page=on_page)
-    got = {m["id"] for p in pages for m in orjson.loads(p.raw)["members"]}
+        fetched = mc.fetch(list_id, pages, since=None, sweep_archived=False).members
+    got = set(pages.ids())
     stayed = {
         m["id"]
         for m in sb.mailchimp_list(list_id).members(include_archived=False)
@@ -205,16 +220,13 @@ def test_without_the_overlap_plain_offset_paging_would_skip_members(small_env: L
     resource = MailchimpResource(page_size=200, page_overlap=0, max_passes=1, backoff_base_s=0.01)
     sb = small_env.sandbox
     front = sorted(sb.mailchimp_list(list_id).members(include_archived=False), key=lambda m: m["last_changed"])
-    changed = []
 
-    def on_page(page: Page, pass_no: int) -> None:
-        if not changed:
-            changed.append(True)
-            for m in front[100:105]:
-                sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
+    def leave_the_window() -> None:
+        for m in front[100:105]:
+            sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
 
     with client_of(small_env, resource) as mc, pytest.raises(MailchimpUnavailable, match="may have been skipped"):
-        mc.fetch_window(list_id, since=None, on_page=on_page)
+        mc.fetch(list_id, Pages(after_first=leave_the_window), since=None, sweep_archived=False)
 
 
 def test_a_page_that_stays_malformed_is_reported_clearly(small_env: LocalEnvironment) -> None:
@@ -233,7 +245,7 @@ def test_a_fetch_counts_rows_overlap_and_distinct_members_apart(small_env: Local
     listed = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
     resource = MailchimpResource(page_size=100, backoff_base_s=0.01)
     with client_of(small_env, resource) as mc:
-        fetched = mc.fetch_window(list_id, since=None, on_page=lambda page, pass_no: None)
+        fetched = mc.fetch(list_id, Pages(), since=None, sweep_archived=False).members
     pages = 1 + len(range(80, len(listed), 80))
     assert fetched.stats.pages == pages and fetched.passes == 1
     assert fetched.members == fetched.total_first == len(listed)
@@ -244,10 +256,10 @@ def _short_page(monkeypatch: pytest.MonkeyPatch, offset: int, cut: int, times: i
     """Mailchimp answers the page at `offset` with its last `cut` members missing, `times` times."""
     from mc_pipeline.resources.mailchimp import MailchimpClient, Response
 
-    original = MailchimpClient.get
+    original = MailchimpClient._get_once
     left = [times]
 
-    def get(self, path, params, *, list_id, stats):
+    def get_once(self, path, params, *, list_id, stats):
         resp = original(self, path, params, list_id=list_id, stats=stats)
         if params.get("offset") == offset and left[0] > 0:
             left[0] -= 1
@@ -255,7 +267,7 @@ def _short_page(monkeypatch: pytest.MonkeyPatch, offset: int, cut: int, times: i
             return Response(orjson.dumps(data), data, resp.server_time)
         return resp
 
-    monkeypatch.setattr(MailchimpClient, "get", get)
+    monkeypatch.setattr(MailchimpClient, "_get_once", get_once)
 
 
 def test_a_page_that_comes_back_short_is_paged_again(small_env: LocalEnvironment, monkeypatch) -> None:
