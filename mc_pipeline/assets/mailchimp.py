@@ -66,6 +66,9 @@ def run_started_at(instance: DagsterInstance, run_id: str) -> datetime:
 
 
 def failure(exc: ApiError) -> Failure:
+    """The run's failure, naming client, list and cause. `retryable` is metadata for the failure sensor:
+    Dagster reads `Failure(allow_retries=)` only under an op `RetryPolicy`, and there is none (transient
+    faults are retried inside the run; dagster.yaml's run_retries skip step failures)."""
     return Failure(
         description=str(exc),
         metadata={
