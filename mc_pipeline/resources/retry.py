@@ -34,7 +34,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry as Urllib3Retry
 
 T = TypeVar("T")
-MAX_RETRY_AFTER_S = 120.0  # a server asking for longer (or a wrong header) costs a retry, not a stalled run
+MAX_RETRY_AFTER_S = 120  # a server asking for longer (or a wrong header) costs a retry, not a stalled run
 _RETRY_AFTER = Urllib3Retry(retry_after_max=MAX_RETRY_AFTER_S)
 
 
