@@ -1,10 +1,11 @@
-"""Mailchimp Marketing API v3: one pooled session per account, concurrent paging, the error policy.
+"""Mailchimp Marketing API v3: one pooled session per account, a window fetched into a `PageWriter`
+(`MailchimpClient.fetch`), the error policy.
 
-Error policy (the table our importer inherited, applied per request):
+Error policy (the table our importer inherited, applied per request by `HttpRetryPolicy`, retry.py):
 - 429, or a bare (non-JSON) 403 from Mailchimp's edge: throttled; wait `Retry-After` if given,
   else exponential backoff with jitter; retried up to `max_throttle_waits`.
-- 5xx, timeouts, dropped connections, cut or malformed JSON: exponential backoff with jitter,
-  at most `max_attempts` attempts per page.
+- 5xx, timeouts, dropped connections, cut or malformed JSON, a page without members: exponential
+  backoff with jitter, at most `max_attempts` attempts per page, all causes together.
 - 401, 403 (problem+json), 404, other 4xx: fail at once, naming client and list; no retry.
 """
 
@@ -14,11 +15,12 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import Field, SecretStr
@@ -47,6 +49,7 @@ from mc_pipeline.resources.paging import (
 from mc_pipeline.resources.retry import HttpRetryPolicy, Retryable, retry_after
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What the transform reads; the payload is most of a page's cost, so nothing else is asked for.
 MEMBER_FIELDS: tuple[str, ...] = (
@@ -132,13 +135,11 @@ class MailchimpClient:
     # ------------------------------------------------------------------ requests
     def get(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> Response:
         """GET with the error policy; returns the raw body, its parsed JSON and the server's clock."""
-        return self.policy.call(
-            lambda: self._get_once(path, params, list_id=list_id, stats=stats),
-            stats,
-            lambda message: MailchimpUnavailable(message, client_id=self.client_id, list_id=list_id),
-            log=self.log,
-            rng=self._rng,
-        )
+        return self._retried(lambda: self._get_once(path, params, list_id=list_id, stats=stats), stats, list_id)
+
+    def _retried(self, attempt: Callable[[], T], stats: FetchStats, list_id: str | None) -> T:
+        give_up = partial(MailchimpUnavailable, client_id=self.client_id, list_id=list_id)
+        return self.policy.call(attempt, stats, give_up, log=self.log, rng=self._rng)
 
     def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats):
         url = f"{self.base_url}{path}"
@@ -340,13 +341,7 @@ class MailchimpClient:
     def _page(self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats) -> Page:
         """One page; valid JSON of the wrong shape is retried like a cut body (one policy, one budget)."""
         params = {**window, "count": self.page_size, "offset": offset, "fields": MEMBERS_FIELDS_PARAM}
-        return self.policy.call(
-            lambda: self._read_page(list_id, offset, params, stats),
-            stats,
-            lambda message: MailchimpUnavailable(message, client_id=self.client_id, list_id=list_id),
-            log=self.log,
-            rng=self._rng,
-        )
+        return self._retried(lambda: self._read_page(list_id, offset, params, stats), stats, list_id)
 
     def _read_page(self, list_id: str, offset: int, params: dict[str, Any], stats: FetchStats) -> Page:
         resp = self._get_once(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats)

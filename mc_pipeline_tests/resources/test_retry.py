@@ -53,7 +53,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return slept
 
 
-def _mailchimp(url: str) -> MailchimpClient:
+def _mailchimp(url: str | None, policy: HttpRetryPolicy = ONE_WAIT) -> MailchimpClient:
     return MailchimpClient(
         client_id="acme",
         api_key=SecretStr(KEY),
@@ -61,7 +61,7 @@ def _mailchimp(url: str) -> MailchimpClient:
         max_connections=1,
         page_size=10,
         timeout=(2, 2),
-        policy=ONE_WAIT,
+        policy=policy,
     )
 
 
@@ -117,15 +117,7 @@ def test_a_page_of_the_wrong_shape_shares_the_requests_attempt_budget(monkeypatc
 
     monkeypatch.setattr(MailchimpClient, "_get_once", get_once)
     policy = HttpRetryPolicy(max_attempts=3, max_throttle_waits=0, backoff_base_s=0.001, backoff_cap_s=0.002)
-    mc = MailchimpClient(
-        client_id="acme",
-        api_key=SecretStr(KEY),
-        base_url=None,
-        max_connections=1,
-        page_size=10,
-        timeout=(2, 2),
-        policy=policy,
-    )
+    mc = _mailchimp(None, policy)  # the default datacenter URL: no request leaves (_get_once answers)
     stats = FetchStats()
     with pytest.raises(MailchimpUnavailable, match="gave up after 3 attempts; last cause: 500"):
         mc._page("0123456789", 0, {}, stats)
