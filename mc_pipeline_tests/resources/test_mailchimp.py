@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from mc_pipeline.registry import YamlClientRegistry
 from mc_pipeline.resources.errors import MailchimpAuthError, MailchimpNotFound, MailchimpUnavailable
 from mc_pipeline.resources.mailchimp import MEMBERS_FIELDS_PARAM, MailchimpResource, datacenter_url
 from mc_pipeline.sandbox import Latency
+from mc_pipeline.storage import RunFolder
 
 FAST = MailchimpResource(backoff_base_s=0.01, backoff_cap_s=0.05)
 
@@ -286,3 +288,35 @@ def test_a_page_that_stays_short_fails_naming_the_positions(small_env: LocalEnvi
     _short_page(monkeypatch, 980, 300, times=10)
     with pytest.raises(MailchimpUnavailable, match=r"no member at window positions 1680\.\.1959, in each of 3 passes"):
         collect(small_env, list_id)
+
+
+def test_a_fetch_writes_both_sweeps_into_the_run_folder(small_env: LocalEnvironment, tmp_path) -> None:
+    """One call: the members' sweep, then (once its first page answered) the archived one, each page
+    gzipped into the run folder under its kind; the result sums both."""
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]
+    listed = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+    archived = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=True)} - listed
+    folder = RunFolder(tmp_path / "run")
+    with client_of(small_env) as mc:
+        fetched = mc.fetch(list_id, folder, since=None)
+    files = sorted(p.name for p in folder.pages.iterdir())
+    assert [f for f in files if f.startswith("archived")] == ["archived-p0-000000000.json.gz"]
+    assert [f for f in files if f.startswith("members")] == [f"members-p0-{o:09d}.json.gz" for o in (0, 980, 1960)]
+
+    def ids(kind: str) -> set[str]:
+        pages = folder.pages.glob(f"{kind}-*.json.gz")
+        return {m["id"] for p in pages for m in orjson.loads(gzip.decompress(p.read_bytes()))["members"]}
+
+    assert ids("members") == listed and ids("archived") == archived and archived
+    assert fetched.archived is not None and fetched.archived.members == len(archived)
+    assert fetched.members.members == len(listed) and fetched.total("pages") == fetched.total("calls") == 4
+    log = sb.request_log("mailchimp:client-1")
+    assert "status" not in log[0].query  # the members' first page is the probe
+    assert [r.query.get("status") for r in log].count("archived") == 1
+
+
+def test_a_bad_probe_starts_no_archived_sweep(small_env: LocalEnvironment, tmp_path) -> None:
+    with client_of(small_env) as mc, pytest.raises(MailchimpNotFound):
+        mc.fetch("00000000ff", RunFolder(tmp_path / "run"), since=None)
+    assert small_env.sandbox.stats("mailchimp:client-1")["requests"] == 1
