@@ -178,7 +178,7 @@ def extraction(ctx: Context) -> dict[str, Any]:
     with sandbox(sandbox_config({"extract": [p.extract_members]}), work / "sandbox") as sb:
         env = sb.env(work / "data")
         list_id = sb.lists("extract")[0]
-        ctx.log(f"  fetch_window over {p.extract_members:,} members: 1 warm-up + {p.extract_repeats} measured")
+        ctx.log(f"  MailchimpClient.fetch over {p.extract_members:,} members: 1 warm-up + {p.extract_repeats} measured")
         w = run_worker(
             "extract",
             {
@@ -253,7 +253,7 @@ def extraction(ctx: Context) -> dict[str, Any]:
             "speedup_of_pipeline": r(median["members_per_s"] / s["members_per_s"], 1),
         }
     return {
-        "title": "1. Extraction (fetch_window)",
+        "title": "1. Extraction (MailchimpClient.fetch)",
         "settings": {
             "members": p.extract_members,
             "latency": f"{MC_BASE_MS:.0f} ms + {MC_PER_KB_MS} ms/KiB per page",

@@ -12,10 +12,10 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,9 +63,10 @@ def _timed_session(session: Any, log: list[tuple[float, float]]) -> None:
 
 @task
 def task_extract(args: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline's MailchimpClient.fetch_window over a whole list, as member_pages calls it:
+    """The pipeline's MailchimpClient.fetch over a whole list (the members' sweep), as member_pages calls it:
     each page gzipped to disk on the fetching thread (`on_page: gzip`), or only counted."""
     from mc_pipeline.resources import MailchimpResource
+    from mc_pipeline.storage import RunFolder
 
     client = registry_client(args["client_id"])
     resource = MailchimpResource()
@@ -77,31 +78,25 @@ def task_extract(args: dict[str, Any]) -> dict[str, Any]:
         mc = resource.client(client)
         requests_log: list[tuple[float, float]] = []
         _timed_session(mc.session, requests_log)
-        fetched = [0]
-        lock = threading.Lock()
+        folder = RunFolder(scratch / tag)
 
-        def on_page(page: Any, pass_no: int) -> None:
-            if gz:  # what member_pages does with each page
-                path = scratch / f"{tag}-p{pass_no}-{page.offset:09d}.json.gz"
-                tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-                tmp.write_bytes(gzip.compress(page.raw, compresslevel=1))
-                os.replace(tmp, path)
-            with lock:
-                fetched[0] += page.members
+        class Writer:  # what member_pages does with each page (RunFolder.write_page), or nothing
+            def write_page(self, kind: str, pass_no: int, offset: int, raw: bytes) -> None:
+                if gz:
+                    folder.write_page(kind, pass_no, offset, raw)
 
         cpu0, t0 = time.process_time(), time.perf_counter()
-        window = mc.fetch_window(args["list_id"], since=None, on_page=on_page)
+        window = mc.fetch(args["list_id"], Writer(), since=None, sweep_archived=False).members
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         mc.close()
-        for f in scratch.glob(f"{tag}-*"):
-            f.unlink()
+        shutil.rmtree(folder.root, ignore_errors=True)
         durations = [end - start for start, end in requests_log]
         first = min(requests_log)
         return {
             "wall_s": wall,
             "cpu_s": cpu,
             "members": window.total_first,  # the window's members (each once)
-            "fetched": fetched[0],  # members received, page overlaps included
+            "fetched": window.stats.rows,  # members received, page overlaps included
             "pages": window.stats.pages,
             "requests": window.stats.calls,
             "retries": window.stats.retries,
@@ -128,11 +123,11 @@ def task_extract(args: dict[str, Any]) -> dict[str, Any]:
 
 def mc_page(resource: Any, client: Any, args: dict[str, Any]) -> bytes:
     """One full page of the list, as the fetcher receives it."""
-    from mc_pipeline.resources.mailchimp import FetchStats
+    from mc_pipeline.resources.paging import FetchStats, window_params
 
     mc = resource.client(client)
     try:
-        return mc._page(args["list_id"], 0, mc._window(None, None, None), FetchStats()).raw
+        return mc._page(args["list_id"], 0, window_params(None, None, None), FetchStats()).raw
     finally:
         mc.close()
 
@@ -180,10 +175,11 @@ def task_fetch_pages(args: dict[str, Any]) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
     mc = MailchimpResource().client(registry_client(args["client_id"]))
 
-    def on_page(page: Any, pass_no: int) -> None:
-        (dest / f"members-p{pass_no}-{page.offset:09d}.json").write_bytes(page.raw)
+    class Writer:
+        def write_page(self, kind: str, pass_no: int, offset: int, raw: bytes) -> None:
+            (dest / f"{kind}-p{pass_no}-{offset:09d}.json").write_bytes(raw)
 
-    window = mc.fetch_window(args["list_id"], since=None, on_page=on_page)
+    window = mc.fetch(args["list_id"], Writer(), since=None, sweep_archived=False).members
     return {"pages": window.stats.pages, "members": window.total_first, "bytes": window.stats.bytes}
 
 

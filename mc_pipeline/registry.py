@@ -1,8 +1,8 @@
 """Clients and their lists: which partitions exist and whose credentials each one uses.
 
 The registry holds references to secrets (an environment variable or a file), never the
-secrets. The pipeline only sees the `ClientRegistry` protocol, so a database table can replace
-the YAML file without touching the assets.
+secrets. `YamlClientRegistry` is the one implementation and every caller uses it by name; a
+database-backed registry would give the same three methods (`clients`, `client`, `removes`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal, Protocol, Self
+from typing import Annotated, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -26,7 +26,6 @@ from mc_pipeline.network import api_url
 _CLIENT_ID, _LIST_ID, _ENV_NAME = r"[a-z0-9][a-z0-9-]{0,62}", r"[0-9a-f]{10}", r"[A-Za-z_][A-Za-z0-9_]*"
 CLIENT_ID_RE = re.compile(rf"\A{_CLIENT_ID}\Z")
 LIST_ID_RE = re.compile(rf"\A{_LIST_ID}\Z")
-ENV_NAME_RE = re.compile(rf"\A{_ENV_NAME}\Z")
 ENV_NAME_PATTERN = f"^{_ENV_NAME}$"  # for pydantic (Rust regex)
 MAILCHIMP_KEY_RE = re.compile(r"\A[0-9a-f]{32}-([a-z]+[0-9]+)\Z")
 
@@ -262,19 +261,6 @@ def parse_partition_key(key: str) -> tuple[str, str]:
             "(client id: lower-case letters, digits and '-'; list id: 10 hex digits)"
         )
     return client_id, list_id
-
-
-# --------------------------------------------------------------------------- the interface
-class ClientRegistry(Protocol):
-    """What the pipeline needs of a registry; a database-backed one implements the same."""
-
-    def clients(self) -> list[Client]: ...
-
-    def client(self, client_id: str) -> Client: ...
-
-    def removes(self, key: str) -> bool:
-        """Whether the partition `key` was taken out of the registry on purpose (see `RegistryFile.removed`)."""
-        ...
 
 
 class YamlClientRegistry:

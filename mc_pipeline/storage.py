@@ -6,6 +6,7 @@ value from a registry or an API can escape the data root.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -52,6 +53,15 @@ class RunFolder:
     def page(self, kind: str, pass_no: int, offset: int) -> Path:
         """`kind` is "members" or "archived"; a window paged twice keeps both passes' pages."""
         return self.pages / f"{kind}-p{pass_no}-{offset:09d}.json.gz"
+
+    def write_page(self, kind: str, pass_no: int, offset: int, raw: bytes) -> None:
+        """A page as received, gzipped (level 1: the fetching threads do this), whole or not at all
+        (a temporary file per thread, then a rename). The `PageWriter` of `MailchimpClient.fetch`."""
+        path = self.page(kind, pass_no, offset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(gzip.compress(raw, compresslevel=1))
+        os.replace(tmp, path)
 
     @property
     def members(self) -> Path:

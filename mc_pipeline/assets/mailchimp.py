@@ -3,12 +3,8 @@
 # No `from __future__ import annotations` here: Dagster reads these signatures at definition time.
 
 import gzip
-import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
@@ -17,20 +13,18 @@ from dagster import (
     Config,
     DagsterInstance,
     Failure,
-    MetadataValue,
     Output,
     asset,
 )
 from pydantic import Field
 
-from mc_pipeline.assets.metadata import parquet_metadata
-from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers, Window
+from mc_pipeline.assets.metadata import fetch_summary, fetched_window, page_set, pages_metadata, parquet_metadata
+from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers
 from mc_pipeline.assets.watermarks import CONTACTS_KEY, begin_sync, latest_watermark, latest_watermarks
 from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
-from mc_pipeline.resources.mailchimp import FetchStats, Page, WindowFetch
 from mc_pipeline.staging import STAGING_SCHEMA, StagingWriter
 from mc_pipeline.storage import PipelineStorage
 
@@ -56,6 +50,9 @@ def run_started_at(instance: DagsterInstance, run_id: str) -> datetime:
 
 
 def failure(exc: ApiError) -> Failure:
+    """The run's failure, naming client, list and cause. `retryable` is metadata for the failure sensor:
+    Dagster reads `Failure(allow_retries=)` only under an op `RetryPolicy`, and there is none (transient
+    faults are retried inside the run; dagster.yaml's run_retries skip step failures)."""
     return Failure(
         description=str(exc),
         metadata={
@@ -65,14 +62,7 @@ def failure(exc: ApiError) -> Failure:
             "retryable": exc.retryable,
             "error": type(exc).__name__,
         },
-        allow_retries=exc.retryable,
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @asset(
@@ -90,8 +80,7 @@ def member_pages(
     mailchimp: MailchimpResource,
     storage: PipelineStorage,
 ) -> Output[PageSet]:
-    partition = context.partition_key
-    run_id = context.run.run_id
+    partition, run_id = context.partition_key, context.run.run_id
     client, list_id = registry.client_for_partition(partition)
     try:  # both accounts' keys, before any request: a bad Ometria key must not wait for the whole fetch
         keys = registry.credentials(client, list_id)
@@ -101,78 +90,23 @@ def member_pages(
         context, client, list_id, registry.registry, config.full_refresh, config.wait_for_other_runs_s
     )
     folder = storage.run_folder(partition, run_id)
-    folder.pages.mkdir(parents=True, exist_ok=True)
     context.log.info(
         f"{partition}: {'full' if since is None else 'incremental'} sync of list {list_id}, "
         f"last_changed after {since.isoformat() if since else 'the beginning'}"
     )
-
-    def writer(kind: str):
-        def on_page(page: Page, pass_no: int) -> None:
-            _write_atomic(folder.page(kind, pass_no, page.offset), gzip.compress(page.raw, compresslevel=1))
-
-        return on_page
-
-    last_log = [time.monotonic()]
-
-    def on_progress(stats: FetchStats, pass_pages: int) -> None:
-        if time.monotonic() - last_log[0] >= 10:
-            last_log[0] = time.monotonic()
-            context.log.info(
-                f"{partition}: {stats.pages}/{pass_pages} pages "
-                f"({stats.rows} rows, the pages' overlap included), {stats.calls} calls, {stats.retries} retries"
-            )
-
-    run_start = run_started_at(context.instance, run_id)
     try:
-        # The members' first page is the probe: a revoked key or a deleted list fails on that one
-        # request. Once it has answered, the archived sweep (usually a page or two) runs alongside
-        # the remaining pages; both share the account's connections (one gate per account).
-        with mailchimp.client(client, context.log, keys.mailchimp) as mc, ThreadPoolExecutor(1) as sweeps_pool:
-            archived_future: list[Future[WindowFetch]] = []
-            write_members = writer("members")
-
-            def on_member_page(page: Page, pass_no: int) -> None:
-                write_members(page, pass_no)
-                # The first page is delivered on this thread before any other is fetched: no race.
-                if mailchimp.sweep_archived and not archived_future:
-                    archived_future.append(
-                        sweeps_pool.submit(
-                            mc.fetch_window,
-                            list_id,
-                            since=archived_since,
-                            before_fallback=run_start,
-                            status="archived",
-                            on_page=writer("archived"),
-                        )
-                    )
-
-            main = mc.fetch_window(
-                list_id, since=since, before_fallback=run_start, on_page=on_member_page, on_progress=on_progress
+        with mailchimp.client(client, context.log, keys.mailchimp) as mc:
+            fetched = mc.fetch(
+                list_id,
+                folder,
+                since=since,
+                archived_since=archived_since,
+                sweep_archived=mailchimp.sweep_archived,
+                before_fallback=run_started_at(context.instance, run_id),
             )
-            archived = archived_future[0].result() if archived_future else None
     except ApiError as exc:
         raise failure(exc) from None
-    window = Window(
-        since=since,
-        before=main.before,
-        full_refresh=since is None,
-        archived_since=archived_since,
-        archived_before=archived.before if archived is not None else None,
-    )
-    sweeps = [main, *([archived] if archived else [])]
-    calls = sum(f.stats.calls for f in sweeps)
-    pages = sum(f.stats.pages for f in sweeps)
-    retries = sum(f.stats.retries for f in sweeps)
-    throttled = sum(f.stats.throttled for f in sweeps)
-    causes: dict[str, int] = {}
-    for f in sweeps:
-        for cause, n in f.stats.causes.items():
-            causes[cause] = causes.get(cause, 0) + n
-    archived_members = archived.members if archived else 0
-    rows = sum(f.rows for f in sweeps)
-    overlap_rows = sum(f.overlap_rows for f in sweeps)
-    seconds = sum(f.stats.seconds for f in sweeps)
+    window = fetched_window(fetched, archived_since)
     run = RunFiles(
         partition=partition,
         client_id=client.id,
@@ -182,47 +116,10 @@ def member_pages(
         window=window,
         destination=destination,
     )
-    context.log.info(
-        f"{partition}: {main.members} members and {archived_members} archived ({rows} rows in {pages} pages, "
-        f"{overlap_rows} of them the pages' overlap), window {window.describe()}, {calls} calls ({retries} retries, "
-        f"{throttled} throttled) in {seconds:.1f}s"
-    )
+    context.log.info(fetch_summary(partition, fetched, window))
     return Output(
-        PageSet(
-            run=run,
-            total_items=main.total_first,
-            total_last=main.total_last,
-            pages=pages,
-            members=main.members,
-            archived=archived_members,
-            passes=main.passes,
-        ),
-        metadata={
-            "window_since": MetadataValue.text(window.since.isoformat() if window.since else "(full sync)"),
-            "window_before": MetadataValue.timestamp(window.before),
-            "full_refresh": window.full_refresh,
-            # Mailchimp's count of the window, at the first page and the smallest any page gave.
-            "total_items": main.total_first,
-            "total_items_at_end": main.total_last,
-            "archived_total_items": archived.total_first if archived else 0,
-            "archived_total_items_at_end": archived.total_last if archived else 0,
-            "passes": main.passes,
-            "archived_passes": archived.passes if archived else 0,
-            "page_overlap": main.overlap,
-            "pages": pages,
-            # Distinct members read (window positions of the last pass), then rows as received.
-            "members": main.members,
-            "archived_members": archived_members,
-            "rows_fetched": rows,
-            "overlap_rows": overlap_rows,
-            "api_calls": calls,
-            "retries": retries,
-            "throttled": throttled,
-            "retry_causes": MetadataValue.json(causes),
-            "bytes": sum(f.stats.bytes for f in sweeps),
-            "seconds": round(seconds, 3),
-            "folder": MetadataValue.path(str(folder.pages)),
-        },
+        page_set(run, fetched),
+        metadata=pages_metadata(fetched, window, folder.pages),
     )
 
 
@@ -241,10 +138,7 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
     started = time.monotonic()
     files = sorted(folder.pages.glob("*.json.gz"))
     if len(files) != pages.pages:
-        raise Failure(
-            description=f"{run.partition}: {len(files)} page files in {folder.pages}, expected {pages.pages}",
-            allow_retries=False,
-        )
+        raise Failure(description=f"{run.partition}: {len(files)} page files in {folder.pages}, expected {pages.pages}")
     writer = StagingWriter(folder.members)
     try:
         for path in files:

@@ -1,4 +1,4 @@
-"""What the UI shows of a Parquet output: schema, row count, URI and a masked preview."""
+"""What the UI shows of an output: a Parquet file's schema, row count, URI and masked preview; a fetch's counts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import MetadataValue, TableColumn, TableSchema
+
+from mc_pipeline.assets.models import PageSet, RunFiles, Window
+from mc_pipeline.resources.paging import FetchResult
 
 PREVIEW_ROWS = 5
 _PII = frozenset(
@@ -83,4 +86,71 @@ def parquet_metadata(path: Path, schema: pa.Schema, rows: int, preview_columns: 
         "dagster/uri": MetadataValue.path(str(path)),
         "bytes": path.stat().st_size if path.exists() else 0,
         "preview": preview(path, preview_columns),
+    }
+
+
+# --------------------------------------------------------------------------- mailchimp/member_pages
+def fetched_window(fetched: FetchResult, archived_since: datetime | None) -> Window:
+    """The window a fetch covered; without an archived sweep its watermark is carried forward."""
+    members, archived = fetched.members, fetched.archived
+    return Window(
+        since=members.since,
+        before=members.before,
+        full_refresh=members.since is None,
+        archived_since=archived.since if archived is not None else archived_since,
+        archived_before=archived.before if archived is not None else None,
+    )
+
+
+def page_set(run: RunFiles, fetched: FetchResult) -> PageSet:
+    """What member_pages hands on: the members' counts (the archived ones counted apart) and every page."""
+    main = fetched.members
+    return PageSet(
+        run=run,
+        total_items=main.total_first,
+        total_last=main.total_last,
+        pages=fetched.total("pages"),
+        members=main.members,
+        archived=fetched.archived.members if fetched.archived else 0,
+        passes=main.passes,
+    )
+
+
+def fetch_summary(partition: str, fetched: FetchResult, window: Window) -> str:
+    archived = fetched.archived.members if fetched.archived else 0
+    total = fetched.total
+    return (
+        f"{partition}: {fetched.members.members} members and {archived} archived ({total('rows')} rows in "
+        f"{total('pages')} pages, {fetched.overlap_rows} of them the pages' overlap), window {window.describe()}, "
+        f"{total('calls')} calls ({total('retries')} retries, {total('throttled')} throttled) in {fetched.seconds:.1f}s"
+    )
+
+
+def pages_metadata(fetched: FetchResult, window: Window, folder: Path) -> dict[str, Any]:
+    main, archived, total = fetched.members, fetched.archived, fetched.total
+    return {
+        "window_since": MetadataValue.text(window.since.isoformat() if window.since else "(full sync)"),
+        "window_before": MetadataValue.timestamp(window.before),
+        "full_refresh": window.full_refresh,
+        # Mailchimp's count of the window, at the first page and the smallest any page gave.
+        "total_items": main.total_first,
+        "total_items_at_end": main.total_last,
+        "archived_total_items": archived.total_first if archived else 0,
+        "archived_total_items_at_end": archived.total_last if archived else 0,
+        "passes": main.passes,
+        "archived_passes": archived.passes if archived else 0,
+        "page_overlap": main.overlap,
+        "pages": total("pages"),
+        # Distinct members read (window positions of the last pass), then rows as received.
+        "members": main.members,
+        "archived_members": archived.members if archived else 0,
+        "rows_fetched": total("rows"),
+        "overlap_rows": fetched.overlap_rows,
+        "api_calls": total("calls"),
+        "retries": total("retries"),
+        "throttled": total("throttled"),
+        "retry_causes": MetadataValue.json(fetched.causes),
+        "bytes": total("bytes"),
+        "seconds": round(fetched.seconds, 3),
+        "folder": MetadataValue.path(str(folder)),
     }

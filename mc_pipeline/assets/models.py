@@ -25,10 +25,6 @@ class Window(_Model):
     archived_since: datetime | None = None
     archived_before: datetime | None = None  # None: not swept this time
 
-    @property
-    def archived_swept(self) -> bool:
-        return self.archived_before is not None
-
     def describe(self) -> str:
         start = self.since.isoformat() if self.since else "the beginning"
         return f"({start}, {self.before.isoformat()}]"

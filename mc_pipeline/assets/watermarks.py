@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from dagster import AssetExecutionContext, AssetKey, AssetRecordsFilter, DagsterInstance, Failure, MetadataValue
 
 from mc_pipeline.assets.models import Destination, RunFiles, Window
-from mc_pipeline.registry import Client, ClientRegistry, RegistryError, SecretError
+from mc_pipeline.registry import Client, RegistryError, SecretError, YamlClientRegistry
 from mc_pipeline.resources.limits import fingerprint
 from mc_pipeline.resources.ometria import DEFAULT_BASE_URL
 from mc_pipeline.run_guard import run_limits, wait_for_turn
@@ -56,7 +56,7 @@ def begin_sync(
     context: AssetExecutionContext,
     client: Client,
     list_id: str,
-    registry: ClientRegistry,
+    registry: YamlClientRegistry,
     full_refresh: bool,
     wait_s: float,
 ) -> tuple[Destination, Watermarks]:

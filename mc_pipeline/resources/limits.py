@@ -7,7 +7,6 @@ synced by the same process share one budget, whatever the number of threads.
 from __future__ import annotations
 
 import hashlib
-import random
 import threading
 import time
 from collections import deque
@@ -73,7 +72,6 @@ class SlidingWindowLimiter:
         self.decay = decay
         self._starts: deque[float] = deque()
         self._cond = threading.Condition()
-        self.waited_s = 0.0
 
     @property
     def window(self) -> float:
@@ -96,7 +94,6 @@ class SlidingWindowLimiter:
                     self._starts.append(now)
                     self.margin = max(self.min_margin, self.margin * self.decay)
                     return
-                self.waited_s += wait
                 self._cond.wait(wait)
 
     def penalise(self, seconds: float) -> None:
@@ -107,9 +104,3 @@ class SlidingWindowLimiter:
             self._starts.extend([until - self.window] * self.capacity)
             while len(self._starts) > self.capacity:
                 self._starts.popleft()
-
-
-def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with jitter: uniform in [1/2, 1] of min(cap, base * 2^attempt)."""
-    r = (rng or random).random()
-    return min(cap_s, base_s * (2**attempt)) * (0.5 + r / 2)

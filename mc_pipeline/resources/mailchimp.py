@@ -1,10 +1,11 @@
-"""Mailchimp Marketing API v3: one pooled session per account, concurrent paging, the error policy.
+"""Mailchimp Marketing API v3: one pooled session per account, a window fetched into a `PageWriter`
+(`MailchimpClient.fetch`), the error policy.
 
-Error policy (the table our importer inherited, applied per request):
+Error policy (the table our importer inherited, applied per request by `HttpRetryPolicy`, retry.py):
 - 429, or a bare (non-JSON) 403 from Mailchimp's edge: throttled; wait `Retry-After` if given,
   else exponential backoff with jitter; retried up to `max_throttle_waits`.
-- 5xx, timeouts, dropped connections, cut or malformed JSON: exponential backoff with jitter,
-  at most `max_attempts` attempts per page.
+- 5xx, timeouts, dropped connections, cut or malformed JSON, a page without members: exponential
+  backoff with jitter, at most `max_attempts` attempts per page, all causes together.
 - 401, 403 (problem+json), 404, other 4xx: fail at once, naming client and list; no retry.
 """
 
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import Field, SecretStr
@@ -30,21 +32,24 @@ from mc_pipeline.resources.errors import (
     MailchimpRequestError,
     MailchimpUnavailable,
 )
-from mc_pipeline.resources.http import (
-    TRANSIENT,
-    HttpSettings,
-    RequestRefused,
-    Retry,
-    RetryPolicy,
-    json_object,
-    pooled_session,
-    retry_after,
-    server_time,
+from mc_pipeline.resources.http import TRANSIENT, HttpSettings, RequestRefused, json_object, pooled_session, server_time
+from mc_pipeline.resources.limits import account_gate, fingerprint
+from mc_pipeline.resources.paging import (
+    FetchResult,
+    FetchStats,
+    OpenSweep,
+    Page,
+    PageWriter,
+    SweepResult,
+    covered,
+    gaps_below,
+    next_offsets,
+    window_params,
 )
-from mc_pipeline.resources.limits import account_gate, backoff_delay, fingerprint
-from mc_pipeline.resources.paging import FetchStats, Page, WindowFetch, covered, gaps_below
+from mc_pipeline.resources.retry import HttpRetryPolicy, Retryable, retry_after
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What the transform reads; the payload is most of a page's cost, so nothing else is asked for.
 MEMBER_FIELDS: tuple[str, ...] = (
@@ -76,10 +81,6 @@ def datacenter_url(api_key: str) -> str:
     return f"https://{match.group(1)}.api.mailchimp.com/3.0"
 
 
-def mailchimp_time(dt: datetime) -> str:
-    return dt.isoformat(timespec="seconds")
-
-
 @dataclass(frozen=True)
 class Response:
     body: bytes
@@ -99,7 +100,7 @@ class MailchimpClient:
         max_connections: int,
         page_size: int,
         timeout: tuple[float, float],
-        policy: RetryPolicy,
+        policy: HttpRetryPolicy,
         overlap: int = 20,
         max_passes: int = 3,
         logger: Any = None,
@@ -134,13 +135,11 @@ class MailchimpClient:
     # ------------------------------------------------------------------ requests
     def get(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> Response:
         """GET with the error policy; returns the raw body, its parsed JSON and the server's clock."""
-        return self.policy.call(
-            lambda: self._get_once(path, params, list_id=list_id, stats=stats),
-            stats,
-            lambda message: MailchimpUnavailable(message, client_id=self.client_id, list_id=list_id),
-            log=self.log,
-            rng=self._rng,
-        )
+        return self._retried(lambda: self._get_once(path, params, list_id=list_id, stats=stats), stats, list_id)
+
+    def _retried(self, attempt: Callable[[], T], stats: FetchStats, list_id: str | None) -> T:
+        give_up = partial(MailchimpUnavailable, client_id=self.client_id, list_id=list_id)
+        return self.policy.call(attempt, stats, give_up, log=self.log, rng=self._rng)
 
     def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats):
         url = f"{self.base_url}{path}"
@@ -150,7 +149,7 @@ class MailchimpClient:
                 resp = self.session.get(url, params=params, timeout=self.timeout)
                 body = resp.content
             except TRANSIENT as exc:
-                raise Retry(type(exc).__name__) from None
+                raise Retryable(type(exc).__name__) from None
             except RequestRefused as exc:  # its text is ours (see ApiSession): a redirect, a refused address
                 raise MailchimpRequestError(str(exc), client_id=self.client_id, list_id=list_id) from None
         stats.add(bytes=len(body))
@@ -159,14 +158,14 @@ class MailchimpClient:
             try:
                 return Response(body, orjson.loads(body), server_time(resp))
             except orjson.JSONDecodeError:
-                raise Retry(f"malformed JSON ({len(body)} bytes)") from None
+                raise Retryable(f"malformed JSON ({len(body)} bytes)") from None
         problem = json_object(resp)
         if status == 429:
-            raise Retry("429 Too Many Requests", retry_after(resp), throttle=True)
+            raise Retryable("429 Too Many Requests", retry_after(resp), throttle=True)
         if status == 403 and problem is None:
-            raise Retry("403 without a problem document (edge throttling)", retry_after(resp), throttle=True)
+            raise Retryable("403 without a problem document (edge throttling)", retry_after(resp), throttle=True)
         if status >= 500:
-            raise Retry(f"{status} {problem.get('title', '') if problem else resp.reason}".strip())
+            raise Retryable(f"{status} {problem.get('title', '') if problem else resp.reason}".strip())
         title = problem.get("title", resp.reason) if problem else resp.reason
         detail = problem.get("detail", "") if problem else body[:200].decode("utf-8", "replace")
         message = f"{status} {title}: {detail}".strip()
@@ -195,24 +194,59 @@ class MailchimpClient:
             if not batch or offset >= int(data.get("total_items", 0)):
                 return out
 
-    def fetch_window(
+    def fetch(
         self,
         list_id: str,
+        pages: PageWriter,
         *,
         since: datetime | None,
-        on_page: Callable[[Page, int], None],
+        archived_since: datetime | None = None,
+        sweep_archived: bool = True,
         before: datetime | None = None,
         before_fallback: datetime | None = None,
-        status: str | None = None,
-        on_progress: Callable[[FetchStats, int], None] | None = None,
-    ) -> WindowFetch:
-        """Every member whose last_changed is in (since, before], page by page; `on_page(page, pass)`
-        runs on the fetching threads (it must be thread-safe) so no page stays in memory.
+    ) -> FetchResult:
+        """Every member whose last_changed is in (since, before], and with `sweep_archived` every
+        archived one in (archived_since, before]: each page goes to `pages` as it arrives.
 
-        When `before` is not given, the first page is asked for without an upper bound and the
-        window ends one second before Mailchimp's own clock (its Date header) at that request:
+        The members' first page is the probe: a revoked key or a deleted list fails on that one
+        request. Once it has answered, the archived sweep (usually a page or two) runs alongside
+        the remaining pages; both share the account's connections (one gate per account).
+
+        When `before` is not given, each sweep asks for its first page without an upper bound and
+        its window ends one second before Mailchimp's own clock (its Date header) at that request:
         every change Mailchimp makes after the run began is stamped later, whatever the skew
         between its clock and ours, so it falls in the next window, never in a gap.
+        """
+        members = self._open(list_id, None, since, before, before_fallback, pages)  # the probe
+        with ThreadPoolExecutor(1, thread_name_prefix=f"mc-archived-{list_id}") as pool:
+            archived = None
+            if sweep_archived:
+                open_archived = partial(self._open, list_id, "archived", archived_since, before, before_fallback, pages)
+                archived = pool.submit(lambda: self._page_all(open_archived(), pages))
+            result = self._page_all(members, pages)
+            return FetchResult(result, archived.result() if archived is not None else None)
+
+    def _open(
+        self,
+        list_id: str,
+        status: str | None,
+        since: datetime | None,
+        before: datetime | None,
+        before_fallback: datetime | None,
+        pages: PageWriter,
+    ) -> OpenSweep:
+        """A sweep's first page, written; the window's upper bound fixed from it if not given."""
+        stats, started = FetchStats(), time.monotonic()
+        first = self._page(list_id, 0, window_params(since, before, status), stats)
+        if before is None:
+            clock = first.server_time or before_fallback or datetime.now(UTC)
+            before = clock.replace(microsecond=0) - timedelta(seconds=1)
+        opened = OpenSweep(list_id, status or "members", status, since, before, first, stats, started)
+        pages.write_page(opened.kind, 0, first.offset, first.raw)
+        return opened
+
+    def _page_all(self, sweep: OpenSweep, pages: PageWriter) -> SweepResult:
+        """The rest of a sweep's window, concurrently, after its first page.
 
         Why no member is skipped although offsets move under concurrent changes: with both
         bounds fixed, a change can only take a member *out* of the window (its new last_changed
@@ -223,22 +257,15 @@ class MailchimpClient:
         returns fewer members than its own total promises leaves positions no page read (a gap):
         the window is paged again too; the counts of the last pass are in the result.
         """
-        stats = FetchStats()
-        started = time.monotonic()
-        first_window = self._window(since, before, status)
-        first = self._page(list_id, 0, first_window, stats)
-        if before is None:
-            clock = first.server_time or before_fallback or datetime.now(UTC)
-            before = clock.replace(microsecond=0) - timedelta(seconds=1)
-        on_page(first, 0)
-        total_first = total_last = first.total_items
+        list_id, stats = sweep.list_id, sweep.stats
+        total_first = total_last = sweep.first.total_items
         overlap = min(self.overlap, self.page_size - 1)
         passes = 1
-        spans = [(0, first.members)]  # (offset, rows) of this pass's pages: which positions were read
-        window = self._window(since, before, status)
+        spans = [(0, sweep.first.members)]  # (offset, rows) of this pass's pages: which positions were read
+        window = sweep.params()
         while True:
             smallest, read = self._fetch_concurrently(
-                list_id, self._offsets(total_first, overlap), window, stats, on_page, passes - 1, on_progress
+                sweep, next_offsets(total_first, self.page_size, overlap), window, passes - 1, pages
             )
             total_last = min(total_first, smallest)
             spans += read
@@ -262,44 +289,33 @@ class MailchimpClient:
             passes += 1
             overlap = min(max(overlap, 2 * (total_first - total_last)), self.page_size // 2)
             again = self._page(list_id, 0, window, stats)
-            on_page(again, passes - 1)
+            pages.write_page(sweep.kind, passes - 1, again.offset, again.raw)
             total_first = again.total_items
             spans = [(0, again.members)]
-        stats.seconds = time.monotonic() - started
-        return WindowFetch(since, before, status, total_first, total_last, passes, overlap, stats, covered(spans))
-
-    def _offsets(self, total: int, overlap: int) -> list[int]:
-        """The offsets after the first page's: each page shares `overlap` members with the previous one."""
-        if total <= self.page_size:
-            return []
-        return list(range(self.page_size - overlap, total, self.page_size - overlap))
+        stats.seconds = time.monotonic() - sweep.started
+        return SweepResult(
+            sweep.since, sweep.before, sweep.status, total_first, total_last, passes, overlap, stats, covered(spans)
+        )
 
     def _fetch_concurrently(
-        self,
-        list_id: str,
-        offsets: list[int],
-        window: dict[str, Any],
-        stats: FetchStats,
-        on_page: Callable[[Page, int], None],
-        pass_no: int,
-        on_progress: Callable[[FetchStats, int], None] | None,
+        self, sweep: OpenSweep, offsets: list[int], window: dict[str, Any], pass_no: int, pages: PageWriter
     ) -> tuple[int, list[tuple[int, int]]]:
         """Fetch `offsets` with at most the account's connections in flight: the smallest total seen,
-        and each page's (offset, rows)."""
+        and each page's (offset, rows). Logs progress every 10 s."""
         smallest = [1 << 62]
         read: list[tuple[int, int]] = []
         lock = threading.Lock()
 
         def fetch(offset: int) -> None:
-            page = self._page(list_id, offset, window, stats)
+            page = self._page(sweep.list_id, offset, window, sweep.stats)
             with lock:
                 smallest[0] = min(smallest[0], page.total_items)
                 read.append((offset, page.members))
-            on_page(page, pass_no)
+            pages.write_page(sweep.kind, pass_no, offset, page.raw)
 
         if not offsets:
             return smallest[0], read
-        with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{list_id}") as pool:
+        with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{sweep.list_id}") as pool:
             pending = {pool.submit(fetch, off) for off in offsets}
             while pending:
                 done, pending = wait(pending, timeout=5.0, return_when=FIRST_EXCEPTION)
@@ -309,44 +325,33 @@ class MailchimpClient:
                         for other in pending:
                             other.cancel()
                         raise exc
-                if on_progress is not None:
-                    on_progress(stats, len(offsets) + 1)  # the pages of this pass
+                self._progress(sweep, len(offsets) + 1)
         return smallest[0], read
 
-    def _page(self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats) -> Page:
-        params = {**window, "count": self.page_size, "offset": offset, "fields": MEMBERS_FIELDS_PARAM}
-        attempts = 0
-        while True:
-            resp = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats)
-            data = resp.data
-            members = data.get("members") if isinstance(data, dict) else None
-            total = data.get("total_items") if isinstance(data, dict) else None
-            if isinstance(members, list) and isinstance(total, int):
-                stats.add(pages=1, rows=len(members))
-                return Page(
-                    offset=offset, raw=resp.body, members=len(members), total_items=total, server_time=resp.server_time
-                )
-            attempts += 1  # valid JSON of the wrong shape: retried like a cut body, then reported
-            stats.note("page without members/total_items")
-            if attempts >= self.policy.max_attempts:
-                raise MailchimpUnavailable(
-                    f"the page at offset {offset} has no 'members' list or 'total_items' after {attempts} attempts",
-                    client_id=self.client_id,
-                    list_id=list_id,
-                )
-            time.sleep(backoff_delay(attempts - 1, self.policy.backoff_base_s, self.policy.backoff_cap_s, self._rng))
+    def _progress(self, sweep: OpenSweep, pass_pages: int) -> None:
+        if time.monotonic() - sweep.logged < 10:
+            return
+        sweep.logged = time.monotonic()
+        s = sweep.stats
+        self.log.info(
+            f"Mailchimp {self.client_id} list {sweep.list_id} {sweep.kind}: {s.pages}/{pass_pages} pages "
+            f"({s.rows} rows, the pages' overlap included), {s.calls} calls, {s.retries} retries"
+        )
 
-    @staticmethod
-    def _window(since: datetime | None, before: datetime | None, status: str | None) -> dict[str, Any]:
-        # Ordered by last_changed so pages are chronological and a window is a stable slice.
-        params: dict[str, Any] = {"sort_field": "last_changed", "sort_dir": "ASC"}
-        if since is not None:
-            params["since_last_changed"] = mailchimp_time(since)
-        if before is not None:
-            params["before_last_changed"] = mailchimp_time(before)
-        if status is not None:
-            params["status"] = status
-        return params
+    def _page(self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats) -> Page:
+        """One page; valid JSON of the wrong shape is retried like a cut body (one policy, one budget)."""
+        params = {**window, "count": self.page_size, "offset": offset, "fields": MEMBERS_FIELDS_PARAM}
+        return self._retried(lambda: self._read_page(list_id, offset, params, stats), stats, list_id)
+
+    def _read_page(self, list_id: str, offset: int, params: dict[str, Any], stats: FetchStats) -> Page:
+        resp = self._get_once(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats)
+        data = resp.data
+        members = data.get("members") if isinstance(data, dict) else None
+        total = data.get("total_items") if isinstance(data, dict) else None
+        if not (isinstance(members, list) and isinstance(total, int)):
+            raise Retryable(f"the page at offset {offset} has no 'members' list or 'total_items'")
+        stats.add(pages=1, rows=len(members))
+        return Page(offset=offset, raw=resp.body, members=len(members), total_items=total, server_time=resp.server_time)
 
 
 class MailchimpResource(HttpSettings):
@@ -355,7 +360,7 @@ class MailchimpResource(HttpSettings):
     page_size: int = Field(1000, ge=1, le=1000)
     read_timeout_s: float = Field(60.0, description="a 1000-member page can take seconds on a big list")
     max_connections: int | None = Field(None, ge=1, le=10, description="overrides the registry's per account")
-    page_overlap: int = Field(20, ge=0, le=500, description="members each page shares with the next (see fetch_window)")
+    page_overlap: int = Field(20, ge=0, le=500, description="members each page shares with the next (see fetch)")
     max_passes: int = Field(3, ge=1, description="pagings of a window that kept shrinking before the run fails")
     sweep_archived: bool = Field(True, description="also fetch members archived since the last sweep (opt-outs)")
 

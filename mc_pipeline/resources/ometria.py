@@ -30,15 +30,15 @@ from mc_pipeline.resources.errors import (
     OmetriaRequestError,
     OmetriaUnavailable,
 )
-from mc_pipeline.resources.http import HttpSettings, Retry, RetryPolicy, pooled_session
+from mc_pipeline.resources.http import TRANSIENT, HttpSettings, pooled_session
 from mc_pipeline.resources.limits import SlidingWindowLimiter, account_limiter, fingerprint
 from mc_pipeline.resources.ometria_push import LOOKUP_CHUNK, Fanout, PushOutcome, PushResult, PushStats, PushStopped
+from mc_pipeline.resources.retry import HttpRetryPolicy, Retryable, retry_after
 
 log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.ometria.com/v2"
 MAX_RECORDS = 100
 DATA_API_RATE = 4.0  # requests per second per account for the data API (GET /push/_errors)
-_TRANSIENT = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
 
 
 class OmetriaClient:
@@ -50,7 +50,7 @@ class OmetriaClient:
         base_url: str | None,
         requests_per_second: float,
         timeout: tuple[float, float],
-        policy: RetryPolicy,
+        policy: HttpRetryPolicy,
         pool_size: int,
         logger: Any = None,
         allow_private_network: bool = False,
@@ -146,52 +146,51 @@ class OmetriaClient:
                 f"{self.base_url}/push/_errors", params=[("request_id", r) for r in request_ids], timeout=self.timeout
             )
             content = resp.content
-        except _TRANSIENT as exc:
-            raise Retry(type(exc).__name__) from None
+        except TRANSIENT as exc:
+            raise Retryable(type(exc).__name__) from None
         if resp.status_code != 200:
             self._raise_for(resp.status_code, content, resp, list_id)
         try:
             doc = orjson.loads(content)
         except orjson.JSONDecodeError:
-            raise Retry("200 with an unreadable errors list") from None
+            raise Retryable("200 with an unreadable errors list") from None
         wanted = set(request_ids)  # an entry of another request is never attached to these
         entries = doc if isinstance(doc, list) else []
         return [e for e in entries if isinstance(e, dict) and e.get("request_id") in wanted]
 
     def _try(self, body: bytes, n: int, list_id: str | None, stats: PushStats) -> PushResult:
-        """One POST: the result, `Retry` for what may pass later, an OmetriaError for what will not."""
+        """One POST: the result, `Retryable` for what may pass later, an OmetriaError for what will not."""
         try:
             resp = self.session.post(f"{self.base_url}/push", data=body, timeout=self.timeout)
             content = resp.content
-        except _TRANSIENT as exc:
-            raise Retry(f"{type(exc).__name__} (the batch may have been stored; resending is safe)") from None
+        except TRANSIENT as exc:
+            raise Retryable(f"{type(exc).__name__} (the batch may have been stored; resending is safe)") from None
         status = resp.status_code
         if 200 <= status < 300:
             try:
                 doc = orjson.loads(content)
                 accepted, rejected = int(doc["accepted"]), int(doc["rejected"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise Retry(f"{status} with an unreadable answer") from None
+                raise Retryable(f"{status} with an unreadable answer") from None
             if accepted + rejected != n:
-                raise Retry(f"answer counts {accepted}+{rejected} for a batch of {n}")
+                raise Retryable(f"answer counts {accepted}+{rejected} for a batch of {n}")
             stats.add(batches=1, pushed=n, accepted=accepted, rejected=rejected)
             return PushResult(accepted, rejected, doc.get("request_id"))
         self._raise_for(status, content, resp, list_id)
 
     def _raise_for(self, status: int, content: bytes, resp: requests.Response, list_id: str | None) -> NoReturn:
-        """A non-2xx answer: `Retry` for what may pass later, an OmetriaError for what will not."""
+        """A non-2xx answer: `Retryable` for what may pass later, an OmetriaError for what will not."""
         message = _message(content) or resp.reason
         if status == 429:
-            retry_after = resp.headers.get("Retry-After")
-            wait_s = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+            wait_s = retry_after(resp)
             if resp.headers.get("X-QueueSize-Remaining") == "0" or "backlog" in message.lower():
                 cause = "429 backlog full"
                 wait_s = max(wait_s or 0.0, 2.0)
             else:
                 cause = "429 rate limited"
-            raise Retry(cause, wait_s, throttle=True)
+            raise Retryable(cause, wait_s, throttle=True)
         if status >= 500:
-            raise Retry(f"{status} {message}"[:200])
+            raise Retryable(f"{status} {message}"[:200])
         if status in (401, 403):
             raise OmetriaAuthError(f"{status} {message}", client_id=self.client_id, list_id=list_id, status=status)
         if status == 402 or "quota" in message.lower():

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from mc_pipeline.dead_letters import dead_letter
 from mc_pipeline.resources.errors import OmetriaBatchRejected, OmetriaError
-from mc_pipeline.resources.http import CallStats
+from mc_pipeline.resources.retry import CallStats
 from mc_pipeline.transform import encode_records
 
 FIRST_BATCHES = 3  # judged before any more is pushed

@@ -1,16 +1,21 @@
 """How a window was paged and what was read: the counts every report of a fetch is made of.
 
-Pages overlap (see `MailchimpClient.fetch_window`), so rows received are not members: a
+`MailchimpClient.fetch` pages a window in two sweeps (the members, then the archived ones),
+hands each page to a `PageWriter` and returns a `FetchResult`.
+
+Pages overlap (see `MailchimpClient._page_all`), so rows received are not members: a
 position read twice is overlap. What the last pass read is kept as (offset, rows) spans, which
 give the distinct positions read and any gap a page left (a member no page returned).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Protocol
 
-from mc_pipeline.resources.http import CallStats
+from mc_pipeline.resources.retry import CallStats
 
 
 @dataclass
@@ -32,8 +37,54 @@ class FetchStats(CallStats):
 
 
 @dataclass
-class WindowFetch:
-    """How one window was fetched, and the proof that no member was skipped."""
+class OpenSweep:
+    """A sweep whose first page has answered: its fixed window and its counters so far."""
+
+    list_id: str
+    kind: str  # "members" or "archived": the pages' file names
+    status: str | None
+    since: datetime | None
+    before: datetime
+    first: Page
+    stats: FetchStats
+    started: float
+    logged: float = field(default_factory=time.monotonic)  # when progress was last logged
+
+    def params(self) -> dict[str, Any]:
+        return window_params(self.since, self.before, self.status)
+
+
+def window_params(since: datetime | None, before: datetime | None, status: str | None) -> dict[str, Any]:
+    """The query of a window, ordered by last_changed so pages are chronological and a window is a stable slice."""
+    params: dict[str, Any] = {"sort_field": "last_changed", "sort_dir": "ASC"}
+    if since is not None:
+        params["since_last_changed"] = since.isoformat(timespec="seconds")
+    if before is not None:
+        params["before_last_changed"] = before.isoformat(timespec="seconds")
+    if status is not None:
+        params["status"] = status
+    return params
+
+
+def next_offsets(total: int, page_size: int, overlap: int) -> list[int]:
+    """The offsets after the first page's: each page shares `overlap` members with the previous one."""
+    if total <= page_size:
+        return []
+    return list(range(page_size - overlap, total, page_size - overlap))
+
+
+class PageWriter(Protocol):
+    """Where pages go as they arrive, so none stays in memory. Called from the fetching threads:
+    it must be thread-safe. `kind` is "members" or "archived"; a window paged twice is written
+    once per pass (`pass_no`). `RunFolder` (storage.py) gzips each into the run's folder."""
+
+    def write_page(self, kind: str, pass_no: int, offset: int, raw: bytes) -> None: ...
+
+
+@dataclass
+class SweepResult:
+    """How one sweep of a window (its members, or its archived members) was fetched, and the
+    proof that no member was skipped."""
 
     since: datetime | None
     before: datetime
@@ -58,6 +109,38 @@ class WindowFetch:
     def overlap_rows(self) -> int:
         """Rows at a position read before: the pages' overlap, and every row of an earlier pass."""
         return self.stats.rows - self.members
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A whole fetch: the members' sweep and, if asked for, the archived sweep, and their sums."""
+
+    members: SweepResult
+    archived: SweepResult | None = None
+
+    @property
+    def sweeps(self) -> list[SweepResult]:
+        return [self.members, *([self.archived] if self.archived is not None else [])]
+
+    def total(self, count: str) -> int:
+        """A counter of `FetchStats` (calls, bytes, pages, rows, retries, throttled), summed over the sweeps."""
+        return sum(getattr(s.stats, count) for s in self.sweeps)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.stats.seconds for s in self.sweeps)
+
+    @property
+    def overlap_rows(self) -> int:
+        return sum(s.overlap_rows for s in self.sweeps)
+
+    @property
+    def causes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sweeps:
+            for cause, n in s.stats.causes.items():
+                out[cause] = out.get(cause, 0) + n
+        return out
 
 
 def covered(spans: list[tuple[int, int]]) -> int:

@@ -28,13 +28,13 @@ from mc_pipeline.sandbox.generate import iso
 from mc_pipeline.sandbox.mailchimp import (
     SORT_FIELDS,
     STATUS_CODE,
-    MailchimpAccount,
-    MailchimpError,
     MailchimpList,
+    MailchimpProblem,
     MemberQuery,
+    SandboxMailchimpAccount,
     parse_time,
 )
-from mc_pipeline.sandbox.ometria import OmetriaAccount, PushRejected, check_batch
+from mc_pipeline.sandbox.ometria import PushRejected, SandboxOmetriaAccount, check_batch
 from mc_pipeline.sandbox.stats import RequestRecord, Stats
 
 log = logging.getLogger("mc_pipeline.sandbox")
@@ -71,10 +71,10 @@ class SandboxState:
         self.clock = clock or SandboxClock()
         self.stats = Stats()
         self.faults = FaultPlan(config.seed, {"mailchimp": config.mailchimp.faults, "ometria": config.ometria.faults})
-        self.mc_by_key: dict[str, MailchimpAccount] = {}
-        self.mc_by_client: dict[str, MailchimpAccount] = {}
-        self.om_by_key: dict[str, OmetriaAccount] = {}
-        self.om_by_client: dict[str, OmetriaAccount] = {}
+        self.mc_by_key: dict[str, SandboxMailchimpAccount] = {}
+        self.mc_by_client: dict[str, SandboxMailchimpAccount] = {}
+        self.om_by_key: dict[str, SandboxOmetriaAccount] = {}
+        self.om_by_client: dict[str, SandboxOmetriaAccount] = {}
         self.lists: dict[str, MailchimpList] = {}
         # Generated members end at least a day before start-up so a run's window includes all of
         # them. The epoch is a UTC midnight, not the start-up second: two sandboxes with the same
@@ -82,7 +82,7 @@ class SandboxState:
         epoch = self.clock.now_s() // 86400 * 86400 - 86400
         for acc in config.accounts:
             assert acc.mailchimp_key and acc.ometria_key  # filled by the config's validator
-            mc = MailchimpAccount(client_id=acc.client_id, api_key=acc.mailchimp_key, dc=acc.dc)
+            mc = SandboxMailchimpAccount(client_id=acc.client_id, api_key=acc.mailchimp_key, dc=acc.dc)
             for n, spec in enumerate(acc.lists):
                 assert spec.id and spec.name
                 factory = MemberFactory(config.seed, spec.id, acc.dc, epoch)
@@ -93,7 +93,7 @@ class SandboxState:
                     self.faults.set_rates(spec.id, spec.faults)
             self.mc_by_key[mc.api_key] = mc
             self.mc_by_client[acc.client_id] = mc
-            om = OmetriaAccount(client_id=acc.client_id, api_key=acc.ometria_key, settings=config.ometria)
+            om = SandboxOmetriaAccount(client_id=acc.client_id, api_key=acc.ometria_key, settings=config.ometria)
             self.om_by_key[om.api_key] = om
             self.om_by_client[acc.client_id] = om
 
@@ -184,7 +184,7 @@ def _sleep_time(latency: Latency, nbytes: int, state: SandboxState, spent: float
 
 
 # ---------------------------------------------------------------------------- Mailchimp
-MailchimpHandler = Callable[[web.Request, MailchimpAccount], Awaitable[Reply]]
+MailchimpHandler = Callable[[web.Request, SandboxMailchimpAccount], Awaitable[Reply]]
 
 
 def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | None = None):
@@ -236,7 +236,7 @@ def mailchimp_route(route: str, scope: Callable[[web.Request], str | None] | Non
                         if reply is None:
                             try:
                                 reply = await handler(request, account)
-                            except MailchimpError as exc:
+                            except MailchimpProblem as exc:
                                 reply = problem(exc.status, exc.title, exc.detail)
                         spent = time.monotonic() - started
                         if kind == "slow":
@@ -299,9 +299,9 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise MailchimpError(400, "Invalid Resource", f"{name} must be an integer, not {raw!r}.") from None
+        raise MailchimpProblem(400, "Invalid Resource", f"{name} must be an integer, not {raw!r}.") from None
     if value < 0:
-        raise MailchimpError(400, "Invalid Resource", f"{name} must not be negative.")
+        raise MailchimpProblem(400, "Invalid Resource", f"{name} must not be negative.")
     return value
 
 
@@ -386,7 +386,7 @@ def list_resource(lst: MailchimpList) -> dict[str, Any]:
 
 
 @mailchimp_route("/3.0/")
-async def mc_root(request: web.Request, account: MailchimpAccount) -> Reply:
+async def mc_root(request: web.Request, account: SandboxMailchimpAccount) -> Reply:
     body = {
         "account_id": account.client_id,
         "account_name": account.client_id.title(),
@@ -398,12 +398,12 @@ async def mc_root(request: web.Request, account: MailchimpAccount) -> Reply:
 
 
 @mailchimp_route("/3.0/ping")
-async def mc_ping(request: web.Request, account: MailchimpAccount) -> Reply:
+async def mc_ping(request: web.Request, account: SandboxMailchimpAccount) -> Reply:
     return Reply(200, b'{"health_status":"Everything\'s Chimpy!"}')
 
 
 @mailchimp_route("/3.0/lists")
-async def mc_lists(request: web.Request, account: MailchimpAccount) -> Reply:
+async def mc_lists(request: web.Request, account: SandboxMailchimpAccount) -> Reply:
     count, offset = _paging(request)
     lists = list(account.ordered_lists())
     fields = parse_paths(request.query.get("fields"))
@@ -423,7 +423,7 @@ async def mc_lists(request: web.Request, account: MailchimpAccount) -> Reply:
 
 
 @mailchimp_route("/3.0/lists/{list_id}", scope=lambda r: r.match_info["list_id"])
-async def mc_list(request: web.Request, account: MailchimpAccount) -> Reply:
+async def mc_list(request: web.Request, account: SandboxMailchimpAccount) -> Reply:
     lst = account.list(request.match_info["list_id"])
     fields = parse_paths(request.query.get("fields"))
     excluded = parse_paths(request.query.get("exclude_fields"))
@@ -431,19 +431,19 @@ async def mc_list(request: web.Request, account: MailchimpAccount) -> Reply:
 
 
 @mailchimp_route("/3.0/lists/{list_id}/members", scope=lambda r: r.match_info["list_id"])
-async def mc_members(request: web.Request, account: MailchimpAccount) -> Reply:
+async def mc_members(request: web.Request, account: SandboxMailchimpAccount) -> Reply:
     lst = account.list(request.match_info["list_id"])
     count, offset = _paging(request)
     q = request.query
     status = q.get("status") or None
     if status is not None and status not in STATUS_CODE:
-        raise MailchimpError(400, "Invalid Resource", f"status must be one of {list(STATUS_CODE)}, not {status!r}.")
+        raise MailchimpProblem(400, "Invalid Resource", f"status must be one of {list(STATUS_CODE)}, not {status!r}.")
     sort_field = q.get("sort_field") or None
     if sort_field is not None and sort_field not in SORT_FIELDS:
-        raise MailchimpError(400, "Invalid Resource", f"sort_field must be one of {list(SORT_FIELDS)}.")
+        raise MailchimpProblem(400, "Invalid Resource", f"sort_field must be one of {list(SORT_FIELDS)}.")
     sort_dir = (q.get("sort_dir") or "ASC").upper()
     if sort_dir not in ("ASC", "DESC"):
-        raise MailchimpError(400, "Invalid Resource", "sort_dir must be ASC or DESC.")
+        raise MailchimpProblem(400, "Invalid Resource", "sort_dir must be ASC or DESC.")
     query = MemberQuery(
         status=status,
         since_last_changed=parse_time(q.get("since_last_changed"), "since_last_changed"),
@@ -467,7 +467,7 @@ async def mc_members(request: web.Request, account: MailchimpAccount) -> Reply:
 
 
 @mailchimp_route("/3.0/lists/{list_id}/members/{subscriber_hash}", scope=lambda r: r.match_info["list_id"])
-async def mc_member(request: web.Request, account: MailchimpAccount) -> Reply:
+async def mc_member(request: web.Request, account: SandboxMailchimpAccount) -> Reply:
     lst = account.list(request.match_info["list_id"])
     member = lst.get(request.match_info["subscriber_hash"])
     fields = parse_paths(request.query.get("fields"))
@@ -521,7 +521,7 @@ async def om_push(request: web.Request) -> web.StreamResponse:
         state.stats.leave(label)
 
 
-async def _om_admitted(state: SandboxState, account: OmetriaAccount, raw: bytes) -> tuple[Reply, str | None]:
+async def _om_admitted(state: SandboxState, account: SandboxOmetriaAccount, raw: bytes) -> tuple[Reply, str | None]:
     settings = state.config.ometria
     wait = account.admit()
     queue_headers = {
@@ -611,7 +611,7 @@ def _admin(handler: Callable[[web.Request], Awaitable[web.Response]]):
     async def wrapped(request: web.Request) -> web.Response:
         try:
             return await handler(request)
-        except MailchimpError as exc:
+        except MailchimpProblem as exc:
             return _admin_json({"error": exc.title, "detail": exc.detail}, exc.status)
         except (ValueError, KeyError, TypeError) as exc:
             return _admin_json({"error": type(exc).__name__, "detail": str(exc)}, 400)

@@ -14,13 +14,14 @@ import pytest
 from pydantic import SecretStr
 
 from mc_pipeline.resources.errors import MailchimpRequestError, MailchimpUnavailable, OmetriaRequestError
-from mc_pipeline.resources.http import DeadlineExceeded, RequestRefused, RetryPolicy, pooled_session
+from mc_pipeline.resources.http import DeadlineExceeded, RequestRefused, pooled_session
 from mc_pipeline.resources.mailchimp import MailchimpClient
 from mc_pipeline.resources.ometria import OmetriaClient, PushStats
+from mc_pipeline.resources.retry import HttpRetryPolicy
 
 KEY = "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f-us6"
 OM_KEY = "om-HTTP-TEST-KEY-77"
-FAST = RetryPolicy(max_attempts=2, max_throttle_waits=0, backoff_base_s=0.01, backoff_cap_s=0.02)
+FAST = HttpRetryPolicy(max_attempts=2, max_throttle_waits=0, backoff_base_s=0.01, backoff_cap_s=0.02)
 
 
 class Server:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
@@ -11,13 +14,9 @@ import pytest
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.registry import YamlClientRegistry
 from mc_pipeline.resources.errors import MailchimpAuthError, MailchimpNotFound, MailchimpUnavailable
-from mc_pipeline.resources.mailchimp import (
-    MEMBERS_FIELDS_PARAM,
-    MailchimpResource,
-    Page,
-    datacenter_url,
-)
+from mc_pipeline.resources.mailchimp import MEMBERS_FIELDS_PARAM, MailchimpResource, datacenter_url
 from mc_pipeline.sandbox import Latency
+from mc_pipeline.storage import RunFolder
 
 FAST = MailchimpResource(backoff_base_s=0.01, backoff_cap_s=0.05)
 
@@ -26,18 +25,41 @@ def client_of(env: LocalEnvironment, resource: MailchimpResource = FAST):
     return resource.client(YamlClientRegistry(env.registry).client("client-1"))
 
 
+@dataclass(frozen=True)
+class Written:
+    kind: str
+    pass_no: int
+    offset: int
+    raw: bytes
+
+
+class Pages:
+    """A `PageWriter` that keeps what it is given; `after_first` runs once the first page is in."""
+
+    def __init__(self, after_first: Callable[[], None] | None = None) -> None:
+        self.written: list[Written] = []
+        self.after_first = after_first
+        self.lock = threading.Lock()
+
+    def write_page(self, kind: str, pass_no: int, offset: int, raw: bytes) -> None:
+        with self.lock:
+            first = not self.written
+            self.written.append(Written(kind, pass_no, offset, raw))
+        if first and self.after_first is not None:
+            self.after_first()
+
+    def ids(self, kind: str = "members") -> list[str]:
+        return [m["id"] for p in self.written if p.kind == kind for m in orjson.loads(p.raw)["members"]]
+
+
 def collect(env: LocalEnvironment, list_id: str, resource: MailchimpResource = FAST, **window):
-    pages: list[Page] = []
-    lock = threading.Lock()
-
-    def on_page(p: Page, pass_no: int) -> None:
-        with lock:
-            pages.append(p)
-
+    """The members' sweep of a window alone."""
+    pages = Pages()
     with client_of(env, resource) as mc:
-        fetched = mc.fetch_window(list_id, since=window.get("since"), before=window.get("before"), on_page=on_page)
-    ids = [m["id"] for p in pages for m in orjson.loads(p.raw)["members"]]
-    return fetched.stats, fetched.total_first, pages, ids
+        fetched = mc.fetch(
+            list_id, pages, since=window.get("since"), before=window.get("before"), sweep_archived=False
+        ).members
+    return fetched.stats, fetched.total_first, pages.written, pages.ids()
 
 
 def test_datacenter_comes_from_the_key() -> None:
@@ -162,21 +184,16 @@ def _fetch_with_changes_after_first_page(env: LocalEnvironment, list_id: str, le
     sb = env.sandbox
     front = sb.mailchimp_list(list_id).members(include_archived=False)
     front.sort(key=lambda m: m["last_changed"])
-    pages: list[Page] = []
-    lock = threading.Lock()
 
-    def on_page(page: Page, pass_no: int) -> None:
-        with lock:
-            first = not pages
-            pages.append(page)
-        if first:  # the other pages are evaluated after these changes: offsets shift under them
-            for m in front[100 : 100 + leave]:
-                sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
+    def leave_the_window() -> None:  # the other pages are evaluated after these changes: offsets shift under them
+        for m in front[100 : 100 + leave]:
+            sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
 
+    pages = Pages(after_first=leave_the_window)
     resource = MailchimpResource(page_size=200, page_overlap=overlap, backoff_base_s=0.01)
     with client_of(env, resource) as mc:
-        fetched = mc.fetch_window(list_id, since=None, on_page=on_page)
-    got = {m["id"] for p in pages for m in orjson.loads(p.raw)["members"]}
+        fetched = mc.fetch(list_id, pages, since=None, sweep_archived=False).members
+    got = set(pages.ids())
     stayed = {
         m["id"]
         for m in sb.mailchimp_list(list_id).members(include_archived=False)
@@ -205,16 +222,13 @@ def test_without_the_overlap_plain_offset_paging_would_skip_members(small_env: L
     resource = MailchimpResource(page_size=200, page_overlap=0, max_passes=1, backoff_base_s=0.01)
     sb = small_env.sandbox
     front = sorted(sb.mailchimp_list(list_id).members(include_archived=False), key=lambda m: m["last_changed"])
-    changed = []
 
-    def on_page(page: Page, pass_no: int) -> None:
-        if not changed:
-            changed.append(True)
-            for m in front[100:105]:
-                sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
+    def leave_the_window() -> None:
+        for m in front[100:105]:
+            sb.update_member(list_id, m["id"], merge_fields={"FNAME": "moved on"})
 
     with client_of(small_env, resource) as mc, pytest.raises(MailchimpUnavailable, match="may have been skipped"):
-        mc.fetch_window(list_id, since=None, on_page=on_page)
+        mc.fetch(list_id, Pages(after_first=leave_the_window), since=None, sweep_archived=False)
 
 
 def test_a_page_that_stays_malformed_is_reported_clearly(small_env: LocalEnvironment) -> None:
@@ -233,7 +247,7 @@ def test_a_fetch_counts_rows_overlap_and_distinct_members_apart(small_env: Local
     listed = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
     resource = MailchimpResource(page_size=100, backoff_base_s=0.01)
     with client_of(small_env, resource) as mc:
-        fetched = mc.fetch_window(list_id, since=None, on_page=lambda page, pass_no: None)
+        fetched = mc.fetch(list_id, Pages(), since=None, sweep_archived=False).members
     pages = 1 + len(range(80, len(listed), 80))
     assert fetched.stats.pages == pages and fetched.passes == 1
     assert fetched.members == fetched.total_first == len(listed)
@@ -244,10 +258,10 @@ def _short_page(monkeypatch: pytest.MonkeyPatch, offset: int, cut: int, times: i
     """Mailchimp answers the page at `offset` with its last `cut` members missing, `times` times."""
     from mc_pipeline.resources.mailchimp import MailchimpClient, Response
 
-    original = MailchimpClient.get
+    original = MailchimpClient._get_once
     left = [times]
 
-    def get(self, path, params, *, list_id, stats):
+    def get_once(self, path, params, *, list_id, stats):
         resp = original(self, path, params, list_id=list_id, stats=stats)
         if params.get("offset") == offset and left[0] > 0:
             left[0] -= 1
@@ -255,7 +269,7 @@ def _short_page(monkeypatch: pytest.MonkeyPatch, offset: int, cut: int, times: i
             return Response(orjson.dumps(data), data, resp.server_time)
         return resp
 
-    monkeypatch.setattr(MailchimpClient, "get", get)
+    monkeypatch.setattr(MailchimpClient, "_get_once", get_once)
 
 
 def test_a_page_that_comes_back_short_is_paged_again(small_env: LocalEnvironment, monkeypatch) -> None:
@@ -274,3 +288,35 @@ def test_a_page_that_stays_short_fails_naming_the_positions(small_env: LocalEnvi
     _short_page(monkeypatch, 980, 300, times=10)
     with pytest.raises(MailchimpUnavailable, match=r"no member at window positions 1680\.\.1959, in each of 3 passes"):
         collect(small_env, list_id)
+
+
+def test_a_fetch_writes_both_sweeps_into_the_run_folder(small_env: LocalEnvironment, tmp_path) -> None:
+    """One call: the members' sweep, then (once its first page answered) the archived one, each page
+    gzipped into the run folder under its kind; the result sums both."""
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]
+    listed = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+    archived = {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=True)} - listed
+    folder = RunFolder(tmp_path / "run")
+    with client_of(small_env) as mc:
+        fetched = mc.fetch(list_id, folder, since=None)
+    files = sorted(p.name for p in folder.pages.iterdir())
+    assert [f for f in files if f.startswith("archived")] == ["archived-p0-000000000.json.gz"]
+    assert [f for f in files if f.startswith("members")] == [f"members-p0-{o:09d}.json.gz" for o in (0, 980, 1960)]
+
+    def ids(kind: str) -> set[str]:
+        pages = folder.pages.glob(f"{kind}-*.json.gz")
+        return {m["id"] for p in pages for m in orjson.loads(gzip.decompress(p.read_bytes()))["members"]}
+
+    assert ids("members") == listed and ids("archived") == archived and archived
+    assert fetched.archived is not None and fetched.archived.members == len(archived)
+    assert fetched.members.members == len(listed) and fetched.total("pages") == fetched.total("calls") == 4
+    log = sb.request_log("mailchimp:client-1")
+    assert "status" not in log[0].query  # the members' first page is the probe
+    assert [r.query.get("status") for r in log].count("archived") == 1
+
+
+def test_a_bad_probe_starts_no_archived_sweep(small_env: LocalEnvironment, tmp_path) -> None:
+    with client_of(small_env) as mc, pytest.raises(MailchimpNotFound):
+        mc.fetch("00000000ff", RunFolder(tmp_path / "run"), since=None)
+    assert small_env.sandbox.stats("mailchimp:client-1")["requests"] == 1
