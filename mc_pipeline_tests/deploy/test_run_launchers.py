@@ -376,7 +376,9 @@ def test_helm_secrets_are_kubernetes_secrets_mounted_as_the_files_the_registry_n
 
 def chart_instance(values: dict[str, Any]) -> dict[str, Any]:
     """The dagster.yaml the chart renders from these values (templates/configmap-instance.yaml and
-    helpers/instance/*.tpl of helm/dagster), for the sections these values set."""
+    helpers/instance/*.tpl of helm/dagster), for the sections these values set. No helm here: the
+    templates are followed by hand; namespace and service account are what a release named
+    mc-pipeline in namespace mc-pipeline would get."""
     pg = values["postgresql"]
     pg_config = {
         "postgres_db": {
