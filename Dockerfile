@@ -10,10 +10,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # The project and its pinned Dagster family (dagster, dagster-webserver, dagster-postgres).
 # Only what the package needs is copied (see .dockerignore): tests and local data stay out.
+# MC_PIPELINE_EXTRAS adds an optional extra of pyproject.toml, e.g. `docker` (DockerRunLauncher,
+# docker-compose.run-launcher.yml) or `k8s` (K8sRunLauncher, deploy/helm/values.yaml).
+ARG MC_PIPELINE_EXTRAS=""
 WORKDIR /opt/mc_pipeline/src
 COPY pyproject.toml README.md ./
 COPY mc_pipeline/ mc_pipeline/
-RUN pip install . && rm -rf /opt/mc_pipeline/src
+RUN pip install . \
+    && if [ -n "$MC_PIPELINE_EXTRAS" ]; then pip install ".[$MC_PIPELINE_EXTRAS]"; fi \
+    && rm -rf /opt/mc_pipeline/src
 
 # A non-root user. The folders that compose mounts named volumes on are created here, owned by
 # that user, so the fresh volumes inherit the ownership: /data (MC_PIPELINE_DATA_DIR: pages,
