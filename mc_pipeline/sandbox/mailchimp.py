@@ -31,7 +31,7 @@ SORT_FIELDS = ("timestamp_opt", "timestamp_signup", "last_changed")
 _PROJECTIONS_KEPT = 4
 
 
-class MailchimpError(Exception):
+class MailchimpProblem(Exception):
     """An API error the server renders as application/problem+json."""
 
     def __init__(self, status: int, title: str, detail: str) -> None:
@@ -47,11 +47,11 @@ def parse_time(value: str | None, name: str) -> int | None:
     try:
         dt = datetime.fromisoformat(value.replace(" ", "+"))  # a raw '+' in a query string decodes to ' '
     except ValueError as exc:
-        raise MailchimpError(
+        raise MailchimpProblem(
             400, "Invalid Resource", f"The value for {name} must be an ISO 8601 date-time: {value!r}."
         ) from exc
     if dt.tzinfo is None:
-        raise MailchimpError(400, "Invalid Resource", f"{name} needs a UTC offset, e.g. +00:00: {value!r}.")
+        raise MailchimpProblem(400, "Invalid Resource", f"{name} needs a UTC offset, e.g. +00:00: {value!r}.")
     return int(dt.timestamp())
 
 
@@ -69,7 +69,7 @@ class MailchimpList:
 
     def __init__(
         self,
-        account: MailchimpAccount,
+        account: SandboxMailchimpAccount,
         list_id: str,
         name: str,
         factory: MemberFactory,
@@ -182,7 +182,7 @@ class MailchimpList:
                 self._queries.popitem(last=False)
             return slots
 
-    def serialized(self, slots: Sequence[int], fields: Tree | None, excluded: Tree | None) -> list[bytes]:
+    def serialized(self, slots: Sequence[int] | np.ndarray, fields: Tree | None, excluded: Tree | None) -> list[bytes]:
         """Each member's JSON under a projection, cached per projection: pages of a sync reuse it."""
         with self._lock:
             if fields is None and excluded is None:
@@ -223,7 +223,7 @@ class MailchimpList:
         mid = key if len(key) == 32 and "@" not in key else member_id(key)
         slot = self._index.get(mid)
         if slot is None or self._status[slot] == DELETED:
-            raise MailchimpError(404, "Resource Not Found", "The requested resource could not be found.")
+            raise MailchimpProblem(404, "Resource Not Found", "The requested resource could not be found.")
         return slot
 
     # ----------------------------------------------------------------- changes
@@ -237,13 +237,13 @@ class MailchimpList:
     ) -> dict[str, Any]:
         now = clock.now_s()
         if not isinstance(email, str) or "@" not in email:
-            raise MailchimpError(400, "Invalid Resource", f"email_address must be an email address: {email!r}.")
+            raise MailchimpProblem(400, "Invalid Resource", f"email_address must be an email address: {email!r}.")
         _check_status(status)
         _check_merge_fields(merge_fields)
         with self._lock:
             mid = member_id(email)
             if mid in self._index and self._status[self._index[mid]] != DELETED:
-                raise MailchimpError(400, "Member Exists", f"{email} is already a list member.")
+                raise MailchimpProblem(400, "Member Exists", f"{email} is already a list member.")
             member = self.factory.make(len(self._docs), email=email, status=status)
             if merge_fields is not None:
                 member["merge_fields"] = {**member["merge_fields"], **merge_fields}
@@ -339,12 +339,12 @@ def _row(member: dict[str, Any]) -> _Row:
 
 def _check_status(status: object) -> None:
     if not isinstance(status, str) or status not in STATUS_CODE:
-        raise MailchimpError(400, "Invalid Resource", f"Unknown status {status!r}; known: {list(STATUSES)}.")
+        raise MailchimpProblem(400, "Invalid Resource", f"Unknown status {status!r}; known: {list(STATUSES)}.")
 
 
 def _check_merge_fields(merge_fields: object) -> None:
     if merge_fields is not None and not isinstance(merge_fields, dict):
-        raise MailchimpError(400, "Invalid Resource", f"merge_fields must be an object, not {merge_fields!r}.")
+        raise MailchimpProblem(400, "Invalid Resource", f"merge_fields must be an object, not {merge_fields!r}.")
 
 
 def _ts(member: dict[str, Any], name: str) -> int:
@@ -357,7 +357,8 @@ def _ts(member: dict[str, Any], name: str) -> int:
             dt = datetime.fromisoformat(value)
             if dt.tzinfo is not None:
                 return int(dt.timestamp())
-    raise MailchimpError(400, "Invalid Resource", f"{name} must be an ISO 8601 date-time with a UTC offset: {value!r}.")
+    detail = f"{name} must be an ISO 8601 date-time with a UTC offset: {value!r}."
+    raise MailchimpProblem(400, "Invalid Resource", detail)
 
 
 def _sync_full_name(member: dict[str, Any]) -> None:
@@ -366,7 +367,7 @@ def _sync_full_name(member: dict[str, Any]) -> None:
 
 
 @dataclass
-class MailchimpAccount:
+class SandboxMailchimpAccount:
     """One API key's account. Requests in flight are counted here, per key."""
 
     client_id: str
@@ -379,7 +380,7 @@ class MailchimpAccount:
         try:
             return self.lists[list_id]
         except KeyError:
-            raise MailchimpError(404, "Resource Not Found", "The requested resource could not be found.") from None
+            raise MailchimpProblem(404, "Resource Not Found", "The requested resource could not be found.") from None
 
     def ordered_lists(self) -> Iterable[MailchimpList]:
         return sorted(self.lists.values(), key=lambda x: (x.created, x.id))

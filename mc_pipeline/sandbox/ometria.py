@@ -46,7 +46,7 @@ class PushRejected(Exception):
 
 
 @dataclass
-class OmetriaAccount:
+class SandboxOmetriaAccount:
     client_id: str
     api_key: str
     settings: OmetriaSettings

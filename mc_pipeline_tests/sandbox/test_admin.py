@@ -10,7 +10,7 @@ import requests
 
 from mc_pipeline.sandbox import Sandbox
 from mc_pipeline.sandbox.generate import member_id
-from mc_pipeline.sandbox.mailchimp import MailchimpError
+from mc_pipeline.sandbox.mailchimp import MailchimpProblem
 from mc_pipeline_tests.sandbox.wire import admin, all_members, assert_problem, contact, mc_get, members, om_push
 
 
@@ -51,7 +51,7 @@ class TestPythonAdmin:
     def test_adding_an_existing_email_fails(self, fresh: Sandbox) -> None:
         lid = fresh.client("client-1").list_ids[0]
         existing = pick(fresh, lid, 1)[0]
-        with pytest.raises(MailchimpError, match="already a list member"):
+        with pytest.raises(MailchimpProblem, match="already a list member"):
             fresh.add_member(lid, existing["email_address"].upper())
 
     def test_update_and_last_changed_follows_the_clock(self, fresh: Sandbox) -> None:
@@ -355,7 +355,7 @@ def test_a_refused_admin_change_leaves_the_list_exactly_as_it_was(fresh: Sandbox
         admin(fresh, "POST", "/clock", json={"advance": "nan"}),
     ]
     assert [r.status_code for r in refused] == [400] * len(refused), [r.text for r in refused]
-    with pytest.raises(MailchimpError, match="Unknown status"):
+    with pytest.raises(MailchimpProblem, match="Unknown status"):
         fresh.add_member(lid, "half.python@example.org", status="bogus")
     assert _list_state(fresh, lid) == before  # no half-member, no half-update, no fault rate set
     assert abs(fresh.clock.now_dt() - datetime.now(UTC)) < timedelta(seconds=5)  # the clock did not move

@@ -14,7 +14,7 @@ import requests
 
 from mc_pipeline.sandbox import Sandbox, SandboxConfig
 from mc_pipeline.sandbox.config import OmetriaSettings
-from mc_pipeline.sandbox.ometria import OmetriaAccount
+from mc_pipeline.sandbox.ometria import SandboxOmetriaAccount
 from mc_pipeline_tests.sandbox.wire import TIMEOUT, admin, contact, om_push, wait_for
 
 SLOW_DELAY_S = 2.0
@@ -366,7 +366,7 @@ class TestLimits:
         ok(om_push(lim, [contact("other")], "client-2"), 1)  # per key
 
     def test_the_window_slides(self) -> None:
-        account = OmetriaAccount("c", "k" * 16, OmetriaSettings(rate_per_second=8))
+        account = SandboxOmetriaAccount("c", "k" * 16, OmetriaSettings(rate_per_second=8))
         for i in range(8):
             assert account.admit(now=100.0 + i * 0.1) is None  # 100.0 .. 100.7
         assert account.admit(now=100.75) == pytest.approx(0.25)  # the first leaves the window at 101.0
@@ -390,7 +390,7 @@ class TestLimits:
         ok(om_push(lim, [contact(f"d{i}") for i in range(100)], "client-1"), 100)  # per key
 
     def test_the_backlog_drains(self) -> None:
-        account = OmetriaAccount("c", "k" * 16, OmetriaSettings(backlog_limit=150, drain_per_second=10))
+        account = SandboxOmetriaAccount("c", "k" * 16, OmetriaSettings(backlog_limit=150, drain_per_second=10))
         account._backlog_at = 0.0
         assert account.backlog(now=0.0) == 0
         account._backlog = 120.0
