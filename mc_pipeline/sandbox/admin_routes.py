@@ -13,7 +13,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mc_pipeline.sandbox.config import Faults
-from mc_pipeline.sandbox.mailchimp import MailchimpList, MailchimpProblem, parse_time
+from mc_pipeline.sandbox.mailchimp import MailchimpList, MailchimpProblem
+from mc_pipeline.sandbox.member_query import parse_time
 from mc_pipeline.sandbox.middlewares import state_of
 
 routes = web.RouteTableDef()

@@ -28,6 +28,7 @@ from mc_pipeline.sandbox.stats import RequestRecord
 UNKNOWN = "<unknown>"
 DROPS = ("drop", "store_then_drop")
 FAULT_TIMING = web.RequestKey("fault_timing", Faults)  # the rates whose delays time this request's fault
+REQUEST_ID = web.RequestKey("request_id", str)  # Mailchimp's X-Request-Id of this answer
 RECEIVED = web.RequestKey("received", int)  # bytes of the request's body
 _UNMETERED: set[Callable[..., Any]] = set()
 
@@ -162,16 +163,32 @@ def json_bytes(body: bytes, status: int = 200, headers: dict[str, str] | None = 
     return web.Response(body=body, status=status, headers=headers, content_type="application/json", charset="utf-8")
 
 
-def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
-    """Mailchimp's error document (RFC 7807 application/problem+json)."""
-    body = {"type": ERROR_DOC, "title": title, "status": status, "detail": detail, "instance": str(uuid.uuid4())}
+def problem(
+    request: web.Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Mailchimp's error document (RFC 7807): `instance` is the answer's X-Request-Id, and a Link
+    header names the schema that describes it, as on the real API."""
+    instance = request.get(REQUEST_ID) or str(uuid.uuid4())
+    body = {"type": ERROR_DOC, "title": title, "status": status, "detail": detail, "instance": instance}
+    account = request.get(ACCOUNT)
+    schema = f"https://{account.dc if account is not None else 'us1'}.api.mailchimp.com/schema/3.0"
+    link = {"Link": f'<{schema}/ProblemDetailDocument.json>; rel="describedBy"'}
     return web.Response(
         body=orjson.dumps(body),
         status=status,
-        headers=headers,
+        headers={**link, **(headers or {})},
         content_type="application/problem+json",
         charset="utf-8",
     )
+
+
+@web.middleware
+async def mailchimp_request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer carries X-Request-Id (a problem's `instance` is the same id)."""
+    request[REQUEST_ID] = request_id = str(uuid.uuid4())
+    resp = await handler(request)
+    resp.headers["X-Request-Id"] = request_id
+    return resp
 
 
 def mailchimp_key(request: web.Request) -> str | None:
@@ -201,11 +218,11 @@ async def mailchimp_authentication(request: web.Request, handler: Handler) -> we
     account = request[ACCOUNT]
     if account is None:
         if mailchimp_key(request) is None:
-            return problem(401, "API Key Missing", "Your request did not include an API key.")
+            return problem(request, 401, "API Key Missing", "Your request did not include an API key.")
         detail = "Your API key may be invalid, or you've attempted to access the wrong datacenter."
-        return problem(401, "API Key Invalid", detail)
+        return problem(request, 401, "API Key Invalid", detail)
     if account.revoked:
-        return problem(403, "User Disabled", "This account has been disabled.")
+        return problem(request, 403, "User Disabled", "This account has been disabled.")
     return await handler(request)
 
 
@@ -216,7 +233,9 @@ async def mailchimp_connection_limit(request: web.Request, handler: Handler) -> 
     label = f"mailchimp:{request[ACCOUNT].client_id}"
     limit = state.config.mailchimp.max_in_flight
     if not state.stats.try_enter(label, limit):
-        return problem(429, "Too Many Requests", f"You have exceeded the limit of {limit} simultaneous connections.")
+        return problem(
+            request, 429, "Too Many Requests", f"You have exceeded the limit of {limit} simultaneous connections."
+        )
     try:
         return await handler(request)
     finally:
@@ -233,14 +252,14 @@ async def mailchimp_faults(request: web.Request, handler: Handler) -> web.Stream
     request[FAULT] = kind
     request[FAULT_TIMING] = rates
     if kind == "500":
-        return problem(500, "Internal Server Error", "An unexpected internal error has occurred.")
+        return problem(request, 500, "Internal Server Error", "An unexpected internal error has occurred.")
     if kind == "503":
-        return problem(503, "Service Unavailable", "The service is temporarily unavailable. Try again later.")
+        return problem(request, 503, "Service Unavailable", "The service is temporarily unavailable. Try again later.")
     if kind == "504":
         await asyncio.sleep(rates.gateway_delay_s)
         return web.Response(body=GATEWAY_504, status=504, content_type="text/html")
     if kind == "429":
-        return problem(429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
+        return problem(request, 429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
     if kind == "403_throttle":
         return web.Response(body=_AKAMAI_403, status=403, content_type="text/html")
     return await handler(request)  # drop / truncate / slow act on the way out
@@ -252,9 +271,14 @@ async def mailchimp_problems(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except MailchimpProblem as exc:
-        return problem(exc.status, exc.title, exc.detail)
+        return problem(request, exc.status, exc.title, exc.detail)
     except web.HTTPNotFound:
-        return problem(404, "Resource Not Found", "The requested resource could not be found.")
+        return problem(request, 404, "Resource Not Found", "The requested resource could not be found.")
+    except web.HTTPMethodNotAllowed as exc:
+        detail = (
+            "The requested method and resource are not compatible. See the Allow header for this resource's methods."
+        )
+        return problem(request, 405, "Method Not Allowed", detail, {"Allow": ",".join(sorted(exc.allowed_methods))})
 
 
 # ---------------------------------------------------------------------------- Ometria
