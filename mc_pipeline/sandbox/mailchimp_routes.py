@@ -18,15 +18,16 @@ from mc_pipeline.sandbox.mailchimp import MailchimpList, MailchimpProblem, Sandb
 from mc_pipeline.sandbox.member_query import member_query
 from mc_pipeline.sandbox.middlewares import (
     accounting,
+    in_flight,
     json_bytes,
     latency,
     mailchimp_account,
     mailchimp_authentication,
-    mailchimp_connection_limit,
     mailchimp_faults,
     mailchimp_problems,
     mailchimp_request_id,
     response_bytes,
+    too_many_connections,
 )
 from mc_pipeline.sandbox.state import ACCOUNT
 
@@ -274,7 +275,7 @@ def mailchimp_app() -> web.Application:
             mailchimp_request_id,
             accounting("mailchimp", mailchimp_account),
             mailchimp_authentication,
-            mailchimp_connection_limit,
+            in_flight(lambda state: state.config.mailchimp.max_in_flight, too_many_connections),
             latency(lambda state: state.config.mailchimp.latency, response_bytes),
             mailchimp_faults,
             mailchimp_problems,

@@ -1,8 +1,9 @@
 """The sandbox's wire behaviour as aiohttp middlewares, so every endpoint of a service behaves alike.
 
-Mailchimp (outermost first): accounting -> authentication -> connection limit -> latency -> faults
--> problems. Ometria's push: accounting -> in flight -> latency -> authentication -> rate limit ->
-faults. aiohttp's own 404/405 answers and routes marked `unmetered` pass through untouched.
+Mailchimp (outermost first): request id -> accounting -> authentication -> in flight (at most 10
+per key) -> latency -> faults -> problems. Ometria's push: accounting -> in flight -> latency ->
+authentication -> rate limit -> faults. aiohttp's own 404/405 answers and routes marked
+`unmetered` pass through untouched.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mc_pipeline.sandbox.stats import RequestRecord
 UNKNOWN = "<unknown>"
 DROPS = ("drop", "store_then_drop")
 FAULT_TIMING = web.RequestKey("fault_timing", Faults)  # the rates whose delays time this request's fault
+LABEL = web.RequestKey("label", str)  # the stats' label of the caller: service:client_id
 REQUEST_ID = web.RequestKey("request_id", str)  # Mailchimp's X-Request-Id of this answer
 RECEIVED = web.RequestKey("received", int)  # bytes of the request's body
 _UNMETERED: set[Callable[..., Any]] = set()
@@ -68,7 +70,7 @@ def accounting(service: str, identify: Callable[[SandboxState, web.Request], Any
         request[STARTED] = started = time.monotonic()
         account = identify(state, request)
         request[ACCOUNT] = account
-        label = f"{service}:{account.client_id if account is not None else UNKNOWN}"
+        request[LABEL] = label = f"{service}:{account.client_id if account is not None else UNKNOWN}"
         request[RECEIVED] = received = len(await request.read()) if request.can_read_body else 0
 
         def record(status: int, sent: int) -> None:
@@ -113,6 +115,30 @@ def _on_the_wire(
     # The sandbox's clock, not the wall's: clients may take "now" from here, as from a real server.
     resp.headers["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(state.clock.now()))
     return resp
+
+
+# ---------------------------------------------------------------------------- in flight
+def in_flight(
+    limit_of: Callable[[SandboxState], int] | None = None,
+    refuse: Callable[[web.Request, int], web.StreamResponse] | None = None,
+) -> Middleware:
+    """Requests under way per key (the stats' `in_flight`, `peak_in_flight`); with `limit_of`,
+    those beyond the limit are refused by `refuse` and hold no slot (Mailchimp's 10 per key)."""
+
+    @metered
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        state, label = state_of(request), request[LABEL]
+        if limit_of is None:
+            state.stats.enter(label)
+        elif not state.stats.try_enter(label, limit := limit_of(state)):
+            assert refuse is not None
+            return refuse(request, limit)
+        try:
+            return await handler(request)
+        finally:
+            state.stats.leave(label)
+
+    return count
 
 
 # ---------------------------------------------------------------------------- latency
@@ -226,20 +252,10 @@ async def mailchimp_authentication(request: web.Request, handler: Handler) -> we
     return await handler(request)
 
 
-@metered
-async def mailchimp_connection_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Mailchimp's 10 simultaneous connections per key; a refused request holds no slot."""
-    state = state_of(request)
-    label = f"mailchimp:{request[ACCOUNT].client_id}"
-    limit = state.config.mailchimp.max_in_flight
-    if not state.stats.try_enter(label, limit):
-        return problem(
-            request, 429, "Too Many Requests", f"You have exceeded the limit of {limit} simultaneous connections."
-        )
-    try:
-        return await handler(request)
-    finally:
-        state.stats.leave(label)
+def too_many_connections(request: web.Request, limit: int) -> web.StreamResponse:
+    return problem(
+        request, 429, "Too Many Requests", f"You have exceeded the limit of {limit} simultaneous connections."
+    )
 
 
 @metered
@@ -294,18 +310,6 @@ def ometria_account(state: SandboxState, request: web.Request) -> SandboxOmetria
 def queue_headers(state: SandboxState, account: SandboxOmetriaAccount) -> dict[str, str]:
     limit = state.config.ometria.backlog_limit
     return {"X-QueueSize-Limit": str(limit), "X-QueueSize-Remaining": str(max(0, limit - account.backlog()))}
-
-
-@metered
-async def ometria_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counted, not limited: Ometria's limit is a rate (`ometria_rate_limit`)."""
-    state = state_of(request)
-    label = f"ometria:{request[ACCOUNT].client_id if request[ACCOUNT] is not None else UNKNOWN}"
-    state.stats.enter(label)
-    try:
-        return await handler(request)
-    finally:
-        state.stats.leave(label)
 
 
 @metered

@@ -14,13 +14,13 @@ from aiohttp import web
 from mc_pipeline.sandbox.config import OmetriaSettings
 from mc_pipeline.sandbox.middlewares import (
     accounting,
+    in_flight,
     json_bytes,
     latency,
     ometria_account,
     ometria_authentication,
     ometria_error,
     ometria_faults,
-    ometria_in_flight,
     ometria_rate_limit,
     queue_headers,
     request_bytes,
@@ -72,7 +72,7 @@ def ometria_app() -> web.Application:
         client_max_size=16 * 1024 * 1024,
         middlewares=[
             accounting("ometria", ometria_account),
-            ometria_in_flight,
+            in_flight(),
             latency(lambda state: state.config.ometria.latency, request_bytes),
             ometria_authentication,
             ometria_rate_limit,
