@@ -53,7 +53,10 @@ def tap_python() -> str:
         try:
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
             subprocess.run(
-                [str(python), "-m", "pip", "install", "-q", TAP], check=True, capture_output=True, timeout=300
+                [str(python), "-m", "pip", "install", "-q", "--retries", "1", "--timeout", "15", TAP],
+                check=True,
+                capture_output=True,
+                timeout=300,
             )
         except (subprocess.SubprocessError, OSError) as exc:
             pytest.skip(f"{TAP} could not be installed in its own venv ({venv}): {exc}")
