@@ -47,11 +47,11 @@ class Latency(_Strict):
 class Faults(_Strict):
     """Probabilistic faults, drawn per request from the sandbox's seeded generator."""
 
-    error_rate: float = Field(0.0, ge=0, le=1, description="share of requests answered 500 or 503")
-    gateway_timeout_rate: float = Field(0.0, ge=0, le=1, description="share answered 504 after a delay")
-    drop_rate: float = Field(0.0, ge=0, le=1, description="share whose connection is dropped")
-    truncate_rate: float = Field(0.0, ge=0, le=1, description="share answered with a cut JSON body")
-    slow_rate: float = Field(0.0, ge=0, le=1, description="share answered after slow_delay_s")
+    error_rate: float = Field(default=0.0, ge=0, le=1, description="share of requests answered 500 or 503")
+    gateway_timeout_rate: float = Field(default=0.0, ge=0, le=1, description="share answered 504 after a delay")
+    drop_rate: float = Field(default=0.0, ge=0, le=1, description="share whose connection is dropped")
+    truncate_rate: float = Field(default=0.0, ge=0, le=1, description="share answered with a cut JSON body")
+    slow_rate: float = Field(default=0.0, ge=0, le=1, description="share answered after slow_delay_s")
     gateway_delay_s: float = 1.0
     slow_delay_s: float = 30.0
 
@@ -60,9 +60,9 @@ class Faults(_Strict):
 
 
 class ListSpec(_Strict):
-    id: str | None = Field(None, pattern=r"^[0-9a-f]{10}$")
+    id: str | None = Field(default=None, pattern=r"^[0-9a-f]{10}$")
     name: str | None = None
-    members: int = Field(1000, ge=0)
+    members: int = Field(default=1000, ge=0)
     faults: Faults | None = None
 
 
@@ -70,26 +70,26 @@ class AccountSpec(_Strict):
     """One client: a Mailchimp account (one API key) and an Ometria account (one API key)."""
 
     client_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    mailchimp_key: str | None = Field(None, pattern=r"^[0-9a-f]{32}-[a-z]+[0-9]+$")
-    ometria_key: str | None = Field(None, min_length=8)
-    dc: str = Field("us6", pattern=r"^[a-z]+[0-9]+$")
+    mailchimp_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}-[a-z]+[0-9]+$")
+    ometria_key: str | None = Field(default=None, min_length=8)
+    dc: str = Field(default="us6", pattern=r"^[a-z]+[0-9]+$")
     lists: list[ListSpec] = Field(default_factory=list)
 
 
 class MailchimpSettings(_Strict):
-    max_in_flight: int = Field(10, ge=1, description="simultaneous requests per API key before 429")
+    max_in_flight: int = Field(default=10, ge=1, description="simultaneous requests per API key before 429")
     latency: Latency = Field(default_factory=Latency)
     faults: Faults = Field(default_factory=Faults)
 
 
 class OmetriaSettings(_Strict):
-    rate_per_second: int = Field(8, ge=1, description="requests per sliding second per key before 429")
-    backlog_limit: int = Field(50_000, ge=1, description="records queued for processing before 429")
-    drain_per_second: float = Field(5_000.0, gt=0, description="records the queue processes per second")
+    rate_per_second: int = Field(default=8, ge=1, description="requests per sliding second per key before 429")
+    backlog_limit: int = Field(default=50_000, ge=1, description="records queued for processing before 429")
+    drain_per_second: float = Field(default=5_000.0, gt=0, description="records the queue processes per second")
     max_records: int = 100
     max_record_bytes: int = 60 * 1024
     reject_email_pattern: str | None = Field(
-        None, description="a regex: contacts whose email matches are rejected (a stricter server-side rule)"
+        default=None, description="a regex: contacts whose email matches are rejected (a stricter server-side rule)"
     )
     late_reject_email_pattern: str | None = Field(
         default=None,
@@ -103,7 +103,7 @@ class OmetriaSettings(_Strict):
 class SandboxConfig(_Strict):
     seed: int = 42
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
     mailchimp: MailchimpSettings = Field(default_factory=MailchimpSettings)
     ometria: OmetriaSettings = Field(default_factory=OmetriaSettings)
     accounts: list[AccountSpec] = Field(default_factory=list)

@@ -69,10 +69,10 @@ class FaultPlan:
                 rates = self._rates.get(target)
                 if rates is None:
                     continue
-                kind = self._from_rates(rates)
-                if kind is not None:
-                    self.injected[kind] = self.injected.get(kind, 0) + 1
-                    return kind, rates
+                drawn = self._from_rates(rates)
+                if drawn is not None:
+                    self.injected[drawn] = self.injected.get(drawn, 0) + 1
+                    return drawn, rates
             return None, Faults()
 
     def _from_rates(self, f: Faults) -> FaultKind | None:

@@ -241,6 +241,7 @@ class MemberFactory:
         rng = random.Random(f"{seed}:{list_id}:meta")
         self.interest_ids = [f"{rng.getrandbits(40):010x}" for _ in range(3)]
         self.extra_merge = ("COMPANY", "MMERGE6")[: rng.randint(0, 2)]
+        self.interest_category_id = f"{rng.getrandbits(40):010x}"  # the category the interests belong to
 
     def make(self, i: int, *, email: str | None = None, status: str | None = None) -> dict[str, Any]:
         rng = random.Random(f"{self.seed}:{self.list_id}:{i}")
@@ -300,6 +301,10 @@ class MemberFactory:
             "email_type": "html" if rng.random() < 0.95 else "text",
             "status": status,
             "consents_to_one_to_one_messaging": True,
+            # The 3.0.80 schema's SMS fields; the sandbox's members have no SMS channel.
+            "sms_phone_number": "",
+            "sms_subscription_status": "",
+            "sms_subscription_last_updated": "",
             "merge_fields": merge,
             "interests": {iid: rng.random() < 0.3 for iid in self.interest_ids},
             "stats": {"avg_open_rate": round(rng.random(), 2), "avg_click_rate": round(rng.random() / 4, 2)},

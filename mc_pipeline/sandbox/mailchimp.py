@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -27,41 +27,20 @@ from mc_pipeline.sandbox.generate import STATUSES, MemberFactory, iso, member_id
 STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
 ARCHIVED = STATUS_CODE["archived"]
 DELETED = 255  # a member deleted permanently: gone from every listing
-SORT_FIELDS = ("timestamp_opt", "timestamp_signup", "last_changed")
 _PROJECTIONS_KEPT = 4
+
+if TYPE_CHECKING:
+    from mc_pipeline.sandbox.member_query import MemberQuery
 
 
 class MailchimpProblem(Exception):
-    """An answer the sandbox renders as an application/problem+json error (not the pipeline's MailchimpError)."""
+    """An API error the server renders as application/problem+json."""
 
     def __init__(self, status: int, title: str, detail: str) -> None:
         super().__init__(f"{status} {title}: {detail}")
         self.status = status
         self.title = title
         self.detail = detail
-
-
-def parse_time(value: str | None, name: str) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        dt = datetime.fromisoformat(value.replace(" ", "+"))  # a raw '+' in a query string decodes to ' '
-    except ValueError as exc:
-        raise MailchimpProblem(
-            400, "Invalid Resource", f"The value for {name} must be an ISO 8601 date-time: {value!r}."
-        ) from exc
-    if dt.tzinfo is None:
-        raise MailchimpProblem(400, "Invalid Resource", f"{name} needs a UTC offset, e.g. +00:00: {value!r}.")
-    return int(dt.timestamp())
-
-
-@dataclass(frozen=True)
-class MemberQuery:
-    status: str | None = None
-    since_last_changed: int | None = None
-    before_last_changed: int | None = None
-    sort_field: str | None = None
-    sort_dir: str = "ASC"
 
 
 class MailchimpList:
@@ -88,13 +67,14 @@ class MailchimpList:
         self._docs: list[bytes] = []
         self._ids: list[str] = []
         self._index: dict[str, int] = {}
+        self._by_contact: dict[str, int] = {}  # contact_id -> slot: members are looked up by either
         self._last_changed = array("q")
         self._opt = array("q")
         self._signup = array("q")
         self._status = bytearray()
         self._version = 0
         self._snapshot: tuple[int, dict[str, np.ndarray]] | None = None
-        self._queries: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._queries: OrderedDict[MemberQuery, np.ndarray] = OrderedDict()
         self._projections: OrderedDict[tuple[str, str], list[bytes | None]] = OrderedDict()
         for i in range(size):
             member = factory.make(i)
@@ -108,6 +88,7 @@ class MailchimpList:
         self._docs.append(row.doc)
         self._ids.append(member_id_)
         self._index[member_id_] = slot
+        self._by_contact[row.contact_id] = slot
         self._last_changed.append(row.last_changed)
         self._opt.append(row.opt)
         self._signup.append(row.signup)
@@ -117,6 +98,10 @@ class MailchimpList:
         return slot
 
     def _store(self, slot: int, row: _Row) -> None:
+        previous = orjson.loads(self._docs[slot]).get("contact_id")
+        if previous != row.contact_id:  # re-added after a permanent delete: a new contact
+            self._by_contact.pop(previous, None)
+            self._by_contact[row.contact_id] = slot
         self._docs[slot] = row.doc
         self._last_changed[slot] = row.last_changed
         self._opt[slot] = row.opt
@@ -154,11 +139,10 @@ class MailchimpList:
 
     def select(self, q: MemberQuery) -> np.ndarray:
         """Slots matching `q`, in the order the API pages them (cached until the next change)."""
-        key = (q.status, q.since_last_changed, q.before_last_changed, q.sort_field, q.sort_dir)
         with self._lock:
-            hit = self._queries.get(key)
+            hit = self._queries.get(q)
             if hit is not None:
-                self._queries.move_to_end(key)
+                self._queries.move_to_end(q)
                 return hit
             cols = self._arrays()
             status = cols["status"]
@@ -171,18 +155,35 @@ class MailchimpList:
                 mask &= lc > q.since_last_changed  # excludes the exact instant
             if q.before_last_changed is not None:
                 mask &= lc <= q.before_last_changed  # includes it
+            if q.unsubscribed_since is not None:
+                mask &= lc > q.unsubscribed_since  # an unsubscribe is its member's last change
+            opt = cols["timestamp_opt"]
+            if q.since_timestamp_opt is not None:
+                mask &= opt > q.since_timestamp_opt
+            if q.before_timestamp_opt is not None:
+                mask &= (opt >= 0) & (opt <= q.before_timestamp_opt)  # never opted in: no match
             slots = np.flatnonzero(mask)
+            if q.reads_documents():
+                docs = self._docs
+                slots = np.array([s for s in slots if q.keeps(orjson.loads(docs[s]))], dtype=np.int64)
             if q.sort_field is not None:
                 keys = cols[q.sort_field][slots]
                 if q.sort_dir == "DESC":
                     keys = -keys
                 slots = slots[np.argsort(keys, kind="stable")]  # ties keep insertion order
-            self._queries[key] = slots
+            self._queries[q] = slots
             if len(self._queries) > 32:
                 self._queries.popitem(last=False)
             return slots
 
-    def serialized(self, slots: Sequence[int], fields: Tree | None, excluded: Tree | None) -> list[bytes]:
+    def latest(self, status: str, column: str) -> str:
+        """The newest `column` timestamp among members of `status`, "" if none (list stats)."""
+        with self._lock:
+            cols = self._arrays()
+            values = cols[column][cols["status"] == STATUS_CODE[status]]
+            return iso(int(values.max())) if len(values) and values.max() >= 0 else ""
+
+    def serialized(self, slots: Sequence[int] | np.ndarray, fields: Tree | None, excluded: Tree | None) -> list[bytes]:
         """Each member's JSON under a projection, cached per projection: pages of a sync reuse it."""
         with self._lock:
             if fields is None and excluded is None:
@@ -207,7 +208,7 @@ class MailchimpList:
             return out
 
     def get(self, key: str) -> dict[str, Any]:
-        """A member by subscriber hash or email address, as the real endpoint accepts both."""
+        """A member by subscriber hash, email address or contact_id, as the real endpoint accepts all three."""
         with self._lock:
             slot = self._slot(key)
             return orjson.loads(self._docs[slot])
@@ -220,8 +221,10 @@ class MailchimpList:
             return [orjson.loads(self._docs[s]) for s in np.flatnonzero(keep)]
 
     def _slot(self, key: str) -> int:
-        mid = key if len(key) == 32 and "@" not in key else member_id(key)
-        slot = self._index.get(mid)
+        if len(key) == 32 and "@" not in key:
+            slot = self._index.get(key, self._by_contact.get(key))
+        else:
+            slot = self._index.get(member_id(key))
         if slot is None or self._status[slot] == DELETED:
             raise MailchimpProblem(404, "Resource Not Found", "The requested resource could not be found.")
         return slot
@@ -279,7 +282,7 @@ class MailchimpList:
                 member["merge_fields"] = {**member["merge_fields"], **merge_fields}
                 _sync_full_name(member)
             for name, value in fields.items():
-                if name in ("id", "email_address", "list_id", "last_changed"):
+                if name in ("id", "contact_id", "email_address", "list_id", "last_changed"):
                     raise ValueError(f"{name} cannot be changed through update()")
                 member[name] = value
             if status is not None:
@@ -319,6 +322,7 @@ class _Row:
     """One member as the list stores it: its JSON and its query columns."""
 
     doc: bytes
+    contact_id: str
     last_changed: int
     opt: int
     signup: int
@@ -330,6 +334,7 @@ def _row(member: dict[str, Any]) -> _Row:
     _check_status(member.get("status"))
     return _Row(
         doc=_kept_json(member),
+        contact_id=str(member.get("contact_id", "")),
         last_changed=_ts(member, "last_changed"),
         opt=_ts(member, "timestamp_opt"),
         signup=_ts(member, "timestamp_signup"),
@@ -357,9 +362,8 @@ def _ts(member: dict[str, Any], name: str) -> int:
             dt = datetime.fromisoformat(value)
             if dt.tzinfo is not None:
                 return int(dt.timestamp())
-    raise MailchimpProblem(
-        400, "Invalid Resource", f"{name} must be an ISO 8601 date-time with a UTC offset: {value!r}."
-    )
+    detail = f"{name} must be an ISO 8601 date-time with a UTC offset: {value!r}."
+    raise MailchimpProblem(400, "Invalid Resource", detail)
 
 
 def _sync_full_name(member: dict[str, Any]) -> None:

@@ -11,10 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
+from mc_pipeline.sandbox.app import build_app
 from mc_pipeline.sandbox.clock import SandboxClock
 from mc_pipeline.sandbox.config import Faults, SandboxConfig
 from mc_pipeline.sandbox.mailchimp import MailchimpList
-from mc_pipeline.sandbox.server import SandboxState, build_app
+from mc_pipeline.sandbox.state import SandboxState
 
 log = logging.getLogger("mc_pipeline.sandbox")
 

@@ -118,7 +118,7 @@ def test_latency_formula() -> None:
 
 
 def test_the_sandboxs_own_work_is_inside_the_modelled_latency() -> None:
-    from mc_pipeline.sandbox.server import _sleep_time
+    from mc_pipeline.sandbox.middlewares import sleep_time as _sleep_time
 
     lat = Latency(base_ms=250, per_kb_ms=0.15)
     modelled = lat.seconds(600 * 1024, 0.0)

@@ -105,3 +105,33 @@ def test_errors_reach_the_sdk(sb: Sandbox, client: MailchimpMarketing.Client) ->
         sdk(sb, {"api_key": "0" * 32 + "-us6"}).ping.get()
     assert denied.value.status_code == 401
     assert json.loads(denied.value.text)["title"] == "API Key Invalid"
+
+
+def test_root_and_campaigns_as_connection_checks_read_them(client: MailchimpMarketing.Client) -> None:
+    root = client.root.get_root()
+    assert root["account_id"] == "client-1" and "account_timezone" in root and "contact" in root
+    campaigns = client.campaigns.list(count=10, sort_field="create_time", sort_dir="ASC")
+    assert campaigns["campaigns"] == [] and campaigns["total_items"] == 0
+
+
+def test_filters_the_sdk_sends_are_applied(sb: Sandbox, client: MailchimpMarketing.Client, big_list: str) -> None:
+    everyone = [m for m in sb.mailchimp_list(big_list).members() if m["status"] != "archived"]
+    vip = client.lists.get_list_members_info(big_list, vip_only=True, count=1000, fields=["members.id", "total_items"])
+    assert {m["id"] for m in vip["members"]} == {m["id"] for m in everyone if m["vip"]}
+    text = client.lists.get_list_members_info(big_list, email_type="text", count=1000, fields=["total_items"])
+    assert text["total_items"] == sum(m["email_type"] == "text" for m in everyone)
+    naive = client.lists.get_list_members_info(
+        big_list, since_last_changed="2025-06-01T00:00:00", fields=["total_items"]
+    )
+    utc = client.lists.get_list_members_info(
+        big_list, since_last_changed="2025-06-01T00:00:00+00:00", fields=["total_items"]
+    )
+    assert naive["total_items"] == utc["total_items"] > 0
+    with pytest.raises(ApiClientError) as refused:
+        client.lists.get_list_members_info(big_list, since_last_campaign=True)
+    assert refused.value.status_code == 400
+
+
+def test_member_by_contact_id(client: MailchimpMarketing.Client, small_list: str) -> None:
+    listed = client.lists.get_list_members_info(small_list, count=1)["members"][0]
+    assert client.lists.get_list_member(small_list, listed["contact_id"]) == listed
