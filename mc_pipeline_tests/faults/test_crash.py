@@ -20,7 +20,13 @@ from mc_pipeline.assets.mailchimp import latest_watermark
 from mc_pipeline.local import LocalEnvironment, patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import Latency, SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, dagster_materialize_command, expected_contacts, sync
+from mc_pipeline_tests.helpers import (
+    assert_ometria_matches,
+    dagster_materialize_command,
+    expected_contacts,
+    settle,
+    sync,
+)
 
 
 def start_materialize(partition: str, log: Path) -> subprocess.Popen:
@@ -111,7 +117,7 @@ def test_a_killed_incremental_keeps_the_previous_watermark(
     members = sb.mailchimp_list(list_id).members(include_archived=False)[:600]
     for m in members:
         sb.update_member(list_id, m["id"], merge_fields={"FNAME": "Changed"})
-    time.sleep(2.1)
+    settle(sb)
     writes = sb.ometria_writes("client-1")
     kill_when(start_materialize(partition, log), lambda: sb.ometria_writes("client-1") >= writes + 200, log)
     assert latest_watermark(instance, partition) == watermark  # the watermark never passed the crash

@@ -18,16 +18,19 @@ from mc_pipeline.assets.mailchimp import latest_watermark
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.resources import MailchimpResource, OmetriaResource
 from mc_pipeline.sandbox import Faults, Latency, SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, step_failure_message, sync
+from mc_pipeline_tests.helpers import (
+    assert_ometria_matches,
+    expected_contacts,
+    metadata,
+    settle,
+    step_failure_message,
+    sync,
+)
 
 FAST = {
     "mailchimp": MailchimpResource(backoff_base_s=0.02, backoff_cap_s=0.2, read_timeout_s=1.0, max_attempts=8),
     "ometria": OmetriaResource(backoff_base_s=0.02, backoff_cap_s=0.2, read_timeout_s=1.0, max_attempts=8),
 }
-
-
-def settle() -> None:
-    time.sleep(2.1)
 
 
 def test_mailchimp_faults_are_retried_and_every_member_arrives(
@@ -113,7 +116,7 @@ def test_ometria_refusals_stop_the_import_and_keep_the_watermark(
     sync(instance, partition, overrides=FAST)
     watermark = latest_watermark(instance, partition)
     sb.add_member(list_id, "late.comer@example.org")
-    settle()
+    settle(sb)
     if fault == "revoked":
         sb.revoke("client-1", "ometria")
     else:
@@ -190,7 +193,7 @@ def test_members_changed_during_a_long_full_sync_are_not_missed(tmp_path: Path, 
         assert len(changed) > 20
         pages = metadata(full, "mailchimp/member_pages")
         assert pages["total_items"] >= pages["total_items_at_end"]
-        settle()
+        settle(sb)
         sync(instance, partition)
         assert_ometria_matches(sb, partition)
 
