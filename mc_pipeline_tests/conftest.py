@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterInstance, instance_for_test
 
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.sandbox import SandboxConfig
+from mc_pipeline_tests.helpers import raise_ometria_rate
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -23,17 +26,22 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
         yield inst
 
 
-def make_env(tmp_path: Path, **generated: object) -> object:
-    config = SandboxConfig.generated(**generated)  # type: ignore[arg-type]
+def make_env(tmp_path: Path, **generated: Any) -> AbstractContextManager[LocalEnvironment]:
+    config = SandboxConfig.generated(**generated)
     return sandbox_environment(config, tmp_path / "work")
 
 
 @pytest.fixture
 def small_env(tmp_path: Path) -> Iterator[LocalEnvironment]:
-    """One client, two lists (1,200 and 2,600 members): pages of 1000 make both multi-page."""
+    """One client, two lists (1,200 and 2,600 members): pages of 1000 make both multi-page.
+
+    Ometria at a raised plan limit (100 pushes a second, not 8): few tests have the rate as their
+    subject, and at 8 a second a full sync of the larger list waits 3.4 s on it.
+    """
     with sandbox_environment(
         SandboxConfig.generated(clients=1, lists_per_client=2, members=[1200, 2600]), tmp_path / "work"
     ) as env:
+        raise_ometria_rate(env)
         yield env
 
 
