@@ -101,13 +101,18 @@ SLOW_MODULES = ("test_crash", "test_end_to_end_pg", "test_dagster_cli")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Markers from what a test uses, so none is forgotten: `-m "not slow and not daemon"` is the fast set."""
+    """Markers from what a test uses, so none is forgotten: `-m "not slow and not daemon"` is the fast set.
+
+    The daemon tests share one xdist group (`--dist loadgroup`): each runs a dagster-daemon and its
+    run workers, and two at once on a small machine would stretch the latencies they measure.
+    """
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         fixtures = getattr(item, "fixturenames", ())
         if module == "test_daemon":
             item.add_marker(pytest.mark.daemon)
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("daemon"))
         if "pg_database" in fixtures or "pg_instance" in fixtures:
             item.add_marker(pytest.mark.postgres)
         if module in SLOW_MODULES:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,6 +82,7 @@ def members(draw: Any) -> Any:
     return member
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(members(), max_size=25))
 def test_no_member_fails_a_page_or_the_transform(page: list[Any]) -> None:
@@ -159,6 +161,7 @@ def well_formed_members(draw: Any) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(well_formed_members(), min_size=1, max_size=20))
 def test_the_columnar_parser_equals_the_reference_parser(page: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ def _warnings(instance: DagsterInstance, run_id: str) -> list[str]:
     return [e.user_message for e in instance.all_logs(run_id) if e.level >= logging.WARNING]
 
 
+@pytest.mark.slow
 def test_a_static_list_of_100000_members_with_4000_archived_reconciles(
     tmp_path: Path, instance: DagsterInstance
 ) -> None:

@@ -59,6 +59,7 @@ def test_mailchimp_faults_are_retried_and_every_member_arrives(
     assert_ometria_matches(sb, f"client-1:{list_id}")
 
 
+@pytest.mark.slow
 def test_ometria_faults_are_retried_without_storing_anything_twice(tmp_path: Path, instance: DagsterInstance) -> None:
     """429 (rate and backlog), 5xx, a dropped answer and a timeout after the batch was stored."""
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=3000)
@@ -154,6 +155,7 @@ def test_rejected_records_become_dead_letters_below_the_threshold(
     assert len(held) == len(expected_contacts(sb, list_id)) - 3
 
 
+@pytest.mark.slow
 def test_members_changed_during_a_long_full_sync_are_not_missed(tmp_path: Path, instance: DagsterInstance) -> None:
     """The list changes while a slow full sync pages through it; the next incremental catches up."""
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=6000)
