@@ -13,7 +13,7 @@ from dagster import DagsterInstance, instance_for_test
 
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.sandbox import SandboxConfig
-from mc_pipeline_tests.helpers import raise_ometria_rate
+from mc_pipeline_tests.helpers import set_ometria_rate
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -41,7 +41,7 @@ def small_env(tmp_path: Path) -> Iterator[LocalEnvironment]:
     with sandbox_environment(
         SandboxConfig.generated(clients=1, lists_per_client=2, members=[1200, 2600]), tmp_path / "work"
     ) as env:
-        raise_ometria_rate(env)
+        set_ometria_rate(env)
         yield env
 
 

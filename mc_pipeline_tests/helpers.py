@@ -12,7 +12,7 @@ __all__ = [
     "dagster_materialize_command",
     "expected_contacts",
     "metadata",
-    "raise_ometria_rate",
+    "set_ometria_rate",
     "settle",
     "step_failure_message",
     "sync",
@@ -61,9 +61,10 @@ def settle(sb: Sandbox) -> None:
     sb.clock.advance(1)
 
 
-def raise_ometria_rate(env: LocalEnvironment, sandbox_per_second: int = 1000, client_per_second: float = 100) -> None:
-    """A raised Ometria plan limit, for tests whose subject is not the 8 pushes a second: the
-    sandbox's limit and the registry's (the client's limiter, at most 100), the sandbox's above."""
+def set_ometria_rate(env: LocalEnvironment, sandbox_per_second: int = 1000, client_per_second: float = 100) -> None:
+    """Ometria's push limit: the sandbox's and the registry's (the client's limiter, at most 100).
+    The defaults are a raised plan limit, for tests whose subject is not the 8 pushes a second;
+    `(env, 8, 8)` is the plan's, for a test whose subject is (what is sent before a refusal lands)."""
     env.sandbox.config.ometria.rate_per_second = sandbox_per_second
     registry = yaml.safe_load(env.registry.read_text())
     for client in registry["clients"]:

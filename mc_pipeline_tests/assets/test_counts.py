@@ -14,7 +14,7 @@ from dagster import DagsterInstance
 from mc_pipeline.demo import run_figures
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.sandbox import SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, raise_ometria_rate, sync
+from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, set_ometria_rate, sync
 
 
 def _warnings(instance: DagsterInstance, run_id: str) -> list[str]:
@@ -29,7 +29,7 @@ def test_a_static_list_of_100000_members_with_4000_archived_reconciles(
     config.ometria.backlog_limit = 1_000_000
     config.ometria.drain_per_second = 1_000_000
     with sandbox_environment(config, tmp_path / "work") as env:
-        raise_ometria_rate(env)  # the push rate is not what this tests
+        set_ometria_rate(env)  # the push rate is not what this tests
         sb = env.sandbox
         (partition,) = env.partition_keys()
         list_id = partition.split(":")[1]

@@ -18,7 +18,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from mc_pipeline.local import dagster_daemon, local_instance_yaml, patched_environ, sandbox_environment
 from mc_pipeline.sandbox import Latency, SandboxConfig
 from mc_pipeline.tags import SYNC_KIND
-from mc_pipeline_tests.helpers import assert_ometria_matches, raise_ometria_rate
+from mc_pipeline_tests.helpers import assert_ometria_matches, set_ometria_rate
 
 NO_TAG_LIMITS = (
     "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: QueuedRunCoordinator\n"
@@ -38,7 +38,7 @@ def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tupl
     (home / "dagster.yaml").write_text(instance_yaml)
     settings = {"DAGSTER_HOME": str(home), "MC_PIPELINE_SENSOR_INTERVAL_S": "2"}
     with sandbox_environment(config, tmp_path / "work") as env, patched_environ(settings):
-        raise_ometria_rate(env, 50, 50)  # a raised plan limit (a quicker test) that the client's limiter holds
+        set_ometria_rate(env, 50, 50)  # a raised plan limit (a quicker test) that the client's limiter holds
         with DagsterInstance.get() as instance, dagster_daemon(tmp_path / "daemon.log") as daemon:
             deadline = time.monotonic() + 240
             while True:
@@ -97,7 +97,7 @@ def test_a_killed_run_worker_is_retried_by_the_daemon_and_converges(tmp_path: Pa
     (home / "dagster.yaml").write_text(local_instance_yaml() + RETRIES)
     settings = {"DAGSTER_HOME": str(home), "MC_PIPELINE_SENSOR_INTERVAL_S": "2"}
     with sandbox_environment(config, tmp_path / "work") as env, patched_environ(settings):
-        raise_ometria_rate(env, 100, 25)  # not the subject: a 2.4 s push, still long enough to kill it midway
+        set_ometria_rate(env, 100, 25)  # not the subject: a 2.4 s push, still long enough to kill it midway
         sb = env.sandbox
         with DagsterInstance.get() as instance, dagster_daemon(tmp_path / "daemon.log") as daemon:
             deadline = time.monotonic() + 180

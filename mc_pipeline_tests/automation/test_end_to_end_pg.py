@@ -23,7 +23,7 @@ from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.sandbox import Latency, SandboxConfig
 from mc_pipeline.tags import MAILCHIMP_ACCOUNT
 from mc_pipeline_tests.automation.test_sensors import apply
-from mc_pipeline_tests.helpers import assert_ometria_matches, raise_ometria_rate, settle
+from mc_pipeline_tests.helpers import assert_ometria_matches, set_ometria_rate, settle
 
 
 def launch(instance: DagsterInstance, requests: list[RunRequest]) -> None:
@@ -42,7 +42,7 @@ def test_sensor_and_schedule_sync_three_clients_on_postgres(pg_instance: Dagster
     config.mailchimp.latency = Latency(base_ms=20, per_kb_ms=0.01)
     config.ometria.latency = Latency(base_ms=10)
     with sandbox_environment(config, tmp_path / "work") as env:
-        raise_ometria_rate(env)  # Ometria's rate is not the subject
+        set_ometria_rate(env)  # Ometria's rate is not the subject
         sb = env.sandbox
         resources = {"registry": ClientRegistryResource(path=str(env.registry)), "mailchimp": MailchimpResource()}
 

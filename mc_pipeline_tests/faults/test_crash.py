@@ -24,7 +24,7 @@ from mc_pipeline_tests.helpers import (
     assert_ometria_matches,
     dagster_materialize_command,
     expected_contacts,
-    raise_ometria_rate,
+    set_ometria_rate,
     settle,
     sync,
 )
@@ -67,7 +67,7 @@ def crash_env(tmp_path: Path):
         patched_environ({"DAGSTER_HOME": str(home)}),
         DagsterInstance.get() as instance,
     ):
-        raise_ometria_rate(env, 100, 25)  # not the subject: a 2.4 s push, still long enough to kill it midway
+        set_ometria_rate(env, 100, 25)  # not the subject: a 2.4 s push, still long enough to kill it midway
         instance.add_dynamic_partitions(MAILCHIMP_LISTS, env.partition_keys())
         yield env, instance, tmp_path / "run.log"
 

@@ -22,7 +22,7 @@ from mc_pipeline_tests.helpers import (
     assert_ometria_matches,
     expected_contacts,
     metadata,
-    raise_ometria_rate,
+    set_ometria_rate,
     settle,
     step_failure_message,
     sync,
@@ -113,6 +113,7 @@ def test_ometria_refusals_stop_the_import_and_keep_the_watermark(
     small_env: LocalEnvironment, instance: DagsterInstance, fault: str, expected: str
 ) -> None:
     sb = small_env.sandbox
+    set_ometria_rate(small_env, 8, 8)  # at 100 a second, a second batch may leave before the refusal is back
     list_id = sb.client("client-1").list_ids[1]
     partition = f"client-1:{list_id}"
     sync(instance, partition, overrides=FAST)
@@ -161,7 +162,7 @@ def test_members_changed_during_a_long_full_sync_are_not_missed(tmp_path: Path, 
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=6000)
     config.mailchimp.latency = Latency(base_ms=60)
     with sandbox_environment(config, tmp_path / "work") as env:
-        raise_ometria_rate(env)  # the subject is the paging: pushes need not wait on Ometria's 8 a second
+        set_ometria_rate(env)  # the subject is the paging: pushes need not wait on Ometria's 8 a second
         sb = env.sandbox
         partition = env.partition_keys()[0]
         list_id = partition.split(":")[1]
