@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterInstance, instance_for_test
 
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.sandbox import SandboxConfig
+from mc_pipeline_tests.helpers import set_ometria_rate
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -23,17 +26,22 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
         yield inst
 
 
-def make_env(tmp_path: Path, **generated: object) -> object:
-    config = SandboxConfig.generated(**generated)  # type: ignore[arg-type]
+def make_env(tmp_path: Path, **generated: Any) -> AbstractContextManager[LocalEnvironment]:
+    config = SandboxConfig.generated(**generated)
     return sandbox_environment(config, tmp_path / "work")
 
 
 @pytest.fixture
 def small_env(tmp_path: Path) -> Iterator[LocalEnvironment]:
-    """One client, two lists (1,200 and 2,600 members): pages of 1000 make both multi-page."""
+    """One client, two lists (1,200 and 2,600 members): pages of 1000 make both multi-page.
+
+    Ometria at a raised plan limit (100 pushes a second, not 8): few tests have the rate as their
+    subject, and at 8 a second a full sync of the larger list waits 3.4 s on it.
+    """
     with sandbox_environment(
         SandboxConfig.generated(clients=1, lists_per_client=2, members=[1200, 2600]), tmp_path / "work"
     ) as env:
+        set_ometria_rate(env)
         yield env
 
 
@@ -93,13 +101,18 @@ SLOW_MODULES = ("test_crash", "test_end_to_end_pg", "test_dagster_cli")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Markers from what a test uses, so none is forgotten: `-m "not slow and not daemon"` is the fast set."""
+    """Markers from what a test uses, so none is forgotten: `-m "not slow and not daemon"` is the fast set.
+
+    The daemon tests share one xdist group (`--dist loadgroup`): each runs a dagster-daemon and its
+    run workers, and two at once on a small machine would stretch the latencies they measure.
+    """
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         fixtures = getattr(item, "fixturenames", ())
         if module == "test_daemon":
             item.add_marker(pytest.mark.daemon)
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("daemon"))
         if "pg_database" in fixtures or "pg_instance" in fixtures:
             item.add_marker(pytest.mark.postgres)
         if module in SLOW_MODULES:

@@ -12,17 +12,20 @@ __all__ = [
     "dagster_materialize_command",
     "expected_contacts",
     "metadata",
+    "set_ometria_rate",
+    "settle",
     "step_failure_message",
     "sync",
 ]
 
+import yaml
 from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 
 from mc_pipeline.assets import ASSETS
 from mc_pipeline.assets.checks import counts_reconcile
 from mc_pipeline.definitions import resources
 from mc_pipeline.jobs import sync_run_config
-from mc_pipeline.local import expected_contacts, ometria_differences
+from mc_pipeline.local import LocalEnvironment, expected_contacts, ometria_differences
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import parse_partition_key
 from mc_pipeline.sandbox import Sandbox
@@ -47,6 +50,26 @@ def sync(
         run_config=sync_run_config(full_refresh),
         raise_on_error=raise_on_error,
     )
+
+
+def settle(sb: Sandbox) -> None:
+    """Let the changes just made fall inside the next run's window, without waiting for it.
+
+    A change is stamped with the sandbox's clock to the second, and a window ends one second before
+    the Date of the run's first answer, also the sandbox's clock: one second on is exactly enough.
+    """
+    sb.clock.advance(1)
+
+
+def set_ometria_rate(env: LocalEnvironment, sandbox_per_second: int = 1000, client_per_second: float = 100) -> None:
+    """Ometria's push limit: the sandbox's and the registry's (the client's limiter, at most 100).
+    The defaults are a raised plan limit, for tests whose subject is not the 8 pushes a second;
+    `(env, 8, 8)` is the plan's, for a test whose subject is (what is sent before a refusal lands)."""
+    env.sandbox.config.ometria.rate_per_second = sandbox_per_second
+    registry = yaml.safe_load(env.registry.read_text())
+    for client in registry["clients"]:
+        client["ometria"]["requests_per_second"] = client_per_second
+    env.registry.write_text(yaml.safe_dump(registry))
 
 
 def metadata(result: ExecuteInProcessResult, asset: str) -> dict[str, Any]:

@@ -152,6 +152,7 @@ def test_an_unknown_or_never_synced_partition_is_said_so(
         assert "not a partition of mailchimp_lists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_incremental_of_half_bad_members_moves_on_and_the_check_names_them_until_replayed(
     tmp_path: Path, instance, capsys
 ) -> None:

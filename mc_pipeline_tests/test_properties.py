@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,6 +83,7 @@ def members(draw: Any) -> Any:
     return member
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(members(), max_size=25))
 def test_no_member_fails_a_page_or_the_transform(page: list[Any]) -> None:
@@ -209,6 +211,7 @@ def reference_rows(page: list[Any], page_offset: int) -> tuple[list[dict[str, An
     return rows, dead
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(members() | well_formed_members(), max_size=20))
 def test_the_parser_equals_a_per_member_reference(page: list[Any]) -> None:

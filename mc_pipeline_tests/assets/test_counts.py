@@ -9,31 +9,27 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 import pytest
-import yaml
 from dagster import DagsterInstance
 
 from mc_pipeline.demo import run_figures
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.sandbox import SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, sync
+from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, set_ometria_rate, sync
 
 
 def _warnings(instance: DagsterInstance, run_id: str) -> list[str]:
     return [e.user_message for e in instance.all_logs(run_id) if e.level >= logging.WARNING]
 
 
+@pytest.mark.slow
 def test_a_static_list_of_100000_members_with_4000_archived_reconciles(
     tmp_path: Path, instance: DagsterInstance
 ) -> None:
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=100_000)
-    # The push rate is not what this tests: a raised plan limit keeps it quick.
-    config.ometria.rate_per_second = 1000
     config.ometria.backlog_limit = 1_000_000
     config.ometria.drain_per_second = 1_000_000
     with sandbox_environment(config, tmp_path / "work") as env:
-        registry = yaml.safe_load(env.registry.read_text())
-        registry["clients"][0]["ometria"]["requests_per_second"] = 100
-        env.registry.write_text(yaml.safe_dump(registry))
+        set_ometria_rate(env)  # the push rate is not what this tests
         sb = env.sandbox
         (partition,) = env.partition_keys()
         list_id = partition.split(":")[1]

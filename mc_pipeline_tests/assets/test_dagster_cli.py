@@ -12,7 +12,7 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 from mc_pipeline.local import patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, dagster_materialize_command
+from mc_pipeline_tests.helpers import assert_ometria_matches, dagster_materialize_command, set_ometria_rate
 
 FULL_REFRESH = json.dumps({"ops": {"mailchimp__member_pages": {"config": {"full_refresh": True}}}})
 
@@ -29,6 +29,7 @@ def test_materialize_and_full_refresh_from_the_cli(tmp_path: Path) -> None:
     home.mkdir()
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=1200)
     with sandbox_environment(config, tmp_path / "work") as env, patched_environ({"DAGSTER_HOME": str(home)}):
+        set_ometria_rate(env)  # read by the CLI's own process from the registry
         partition = env.partition_keys()[0]
         with DagsterInstance.get() as instance:
             instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])

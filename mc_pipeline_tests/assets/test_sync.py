@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,7 @@ from dagster import DagsterInstance
 
 from mc_pipeline.assets.mailchimp import latest_watermark
 from mc_pipeline.local import LocalEnvironment
-from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, sync
-
-
-def settle() -> None:
-    """The window ends one second before a run's start: let the sandbox's changes fall inside it."""
-    time.sleep(2.1)
+from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, settle, sync
 
 
 def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
@@ -52,7 +46,7 @@ def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, insta
     sb.set_status(list_id, members[0]["id"], "unsubscribed")
     sb.update_member(list_id, members[1]["id"], merge_fields={"FNAME": "Renamed"})
     sb.set_status(list_id, members[2]["id"], "archived")
-    settle()
+    settle(sb)
     sb.reset_stats()
 
     incremental = sync(instance, partition)
@@ -70,7 +64,7 @@ def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, insta
     assert held[new["contact_id"]]["email"] == "New.Person+test@Example.com"
     assert latest_watermark(instance, partition) > watermark
 
-    settle()
+    settle(sb)
     sb.reset_stats()
     unchanged = sync(instance, partition)
     assert metadata(unchanged, "ometria/contacts")["records"] == 0
@@ -107,7 +101,7 @@ def test_a_failed_import_keeps_the_watermark(small_env: LocalEnvironment, instan
     sync(instance, partition)
     watermark = latest_watermark(instance, partition)
     sb.add_member(list_id, "another@example.org")
-    settle()
+    settle(sb)
     sb.revoke("client-1", "ometria")
     result = sync(instance, partition, raise_on_error=False)
     assert not result.success
@@ -183,7 +177,7 @@ def test_members_deleted_outright_are_opted_out_by_a_full_refresh(
     doomed = sb.mailchimp_list(list_id).members(include_archived=False)[:3]
     for m in doomed:
         sb.delete_member(list_id, m["id"])
-    settle()
+    settle(sb)
     incremental = sync(instance, partition)  # a window cannot see a deletion...
     assert metadata(incremental, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 0
     held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")

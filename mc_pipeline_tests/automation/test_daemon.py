@@ -13,19 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from mc_pipeline.local import dagster_daemon, local_instance_yaml, patched_environ, sandbox_environment
 from mc_pipeline.sandbox import Latency, SandboxConfig
 from mc_pipeline.tags import SYNC_KIND
-from mc_pipeline_tests.helpers import assert_ometria_matches
+from mc_pipeline_tests.helpers import assert_ometria_matches, set_ometria_rate
 
 NO_TAG_LIMITS = (
     "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: QueuedRunCoordinator\n"
     "  config:\n    max_concurrent_runs: 3\n    dequeue_interval_seconds: 1\n"
     "telemetry:\n  enabled: false\n"
 )
+POLL_S = 0.1  # the loops below wait on a condition, each with a deadline
 
 
 def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tuple[float, float]]]:
@@ -33,15 +33,12 @@ def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tupl
     # A fetch lasts ~6 s (a first page, then two waves of 10): several launch intervals, so the
     # fetches of runs launched one after another overlap whenever nothing holds them apart.
     config.mailchimp.latency = Latency(base_ms=2000)
-    config.ometria.rate_per_second = 50
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(instance_yaml)
     settings = {"DAGSTER_HOME": str(home), "MC_PIPELINE_SENSOR_INTERVAL_S": "2"}
     with sandbox_environment(config, tmp_path / "work") as env, patched_environ(settings):
-        registry = yaml.safe_load(env.registry.read_text())
-        registry["clients"][0]["ometria"]["requests_per_second"] = 50  # a raised plan limit: a quicker test
-        env.registry.write_text(yaml.safe_dump(registry))
+        set_ometria_rate(env, 50, 50)  # a raised plan limit (a quicker test) that the client's limiter holds
         with DagsterInstance.get() as instance, dagster_daemon(tmp_path / "daemon.log") as daemon:
             deadline = time.monotonic() + 240
             while True:
@@ -52,7 +49,7 @@ def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tupl
                     pytest.fail(f"a run failed or the daemon died:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}")
                 if time.monotonic() > deadline:
                     pytest.fail("the three syncs did not finish in time")
-                time.sleep(0.5)
+                time.sleep(POLL_S)
             records = instance.get_run_records(filters=RunsFilter(tags={SYNC_KIND: "initial"}))
             spans = sorted((rec.start_time, rec.end_time) for rec in records if rec.start_time and rec.end_time)
         stats = env.sandbox.stats("mailchimp:client-1")
@@ -103,6 +100,7 @@ def test_a_killed_run_worker_is_retried_by_the_daemon_and_converges(tmp_path: Pa
     (home / "dagster.yaml").write_text(local_instance_yaml() + RETRIES)
     settings = {"DAGSTER_HOME": str(home), "MC_PIPELINE_SENSOR_INTERVAL_S": "2"}
     with sandbox_environment(config, tmp_path / "work") as env, patched_environ(settings):
+        set_ometria_rate(env, 100, 25)  # not the subject: a 2.4 s push, still long enough to kill it midway
         sb = env.sandbox
         with DagsterInstance.get() as instance, dagster_daemon(tmp_path / "daemon.log") as daemon:
             deadline = time.monotonic() + 180
@@ -122,7 +120,7 @@ def test_a_killed_run_worker_is_retried_by_the_daemon_and_converges(tmp_path: Pa
                     break
                 if time.monotonic() > deadline + 120 or daemon.poll() is not None:
                     pytest.fail(f"no retry succeeded:\n{(tmp_path / 'daemon.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+                time.sleep(POLL_S)
             assert instance.get_run_by_id(first.run_id).status == DagsterRunStatus.FAILURE
             assert done[0].tags.get("dagster/parent_run_id") == first.run_id  # a retry of the killed run
             assert done[0].tags["mc_pipeline/mailchimp_account"] == "client-1"  # through the same queue limits

@@ -7,7 +7,6 @@ queue and its per-account limits, are the deployment test's subject.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.sandbox import Latency, SandboxConfig
 from mc_pipeline.tags import MAILCHIMP_ACCOUNT
 from mc_pipeline_tests.automation.test_sensors import apply
-from mc_pipeline_tests.helpers import assert_ometria_matches
+from mc_pipeline_tests.helpers import assert_ometria_matches, set_ometria_rate, settle
 
 
 def launch(instance: DagsterInstance, requests: list[RunRequest]) -> None:
@@ -43,6 +42,7 @@ def test_sensor_and_schedule_sync_three_clients_on_postgres(pg_instance: Dagster
     config.mailchimp.latency = Latency(base_ms=20, per_kb_ms=0.01)
     config.ometria.latency = Latency(base_ms=10)
     with sandbox_environment(config, tmp_path / "work") as env:
+        set_ometria_rate(env)  # Ometria's rate is not the subject
         sb = env.sandbox
         resources = {"registry": ClientRegistryResource(path=str(env.registry)), "mailchimp": MailchimpResource()}
 
@@ -67,7 +67,7 @@ def test_sensor_and_schedule_sync_three_clients_on_postgres(pg_instance: Dagster
                 sb.add_member(list_id, f"added.{list_id}@example.org")
                 sb.set_status(list_id, members[0]["id"], "unsubscribed")
                 changed[f"{c.client_id}:{list_id}"] = 2
-        time.sleep(2.1)
+        settle(sb)
         sb.reset_stats()
         schedule_context = build_schedule_context(
             instance=pg_instance,

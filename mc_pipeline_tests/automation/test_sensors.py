@@ -142,6 +142,7 @@ def test_an_unreachable_all_account_keeps_its_partitions(
     assert len(instance.get_dynamic_partitions(MAILCHIMP_LISTS)) == 2
 
 
+@pytest.mark.slow
 def test_thousands_of_lists_are_added_a_bounded_batch_per_tick(
     small_env: LocalEnvironment, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:

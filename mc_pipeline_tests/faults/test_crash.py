@@ -20,7 +20,14 @@ from mc_pipeline.assets.mailchimp import latest_watermark
 from mc_pipeline.local import LocalEnvironment, patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import Latency, SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, dagster_materialize_command, expected_contacts, sync
+from mc_pipeline_tests.helpers import (
+    assert_ometria_matches,
+    dagster_materialize_command,
+    expected_contacts,
+    set_ometria_rate,
+    settle,
+    sync,
+)
 
 
 def start_materialize(partition: str, log: Path) -> subprocess.Popen:
@@ -60,6 +67,7 @@ def crash_env(tmp_path: Path):
         patched_environ({"DAGSTER_HOME": str(home)}),
         DagsterInstance.get() as instance,
     ):
+        set_ometria_rate(env, 100, 25)  # not the subject: a 2.4 s push, still long enough to kill it midway
         instance.add_dynamic_partitions(MAILCHIMP_LISTS, env.partition_keys())
         yield env, instance, tmp_path / "run.log"
 
@@ -111,7 +119,7 @@ def test_a_killed_incremental_keeps_the_previous_watermark(
     members = sb.mailchimp_list(list_id).members(include_archived=False)[:600]
     for m in members:
         sb.update_member(list_id, m["id"], merge_fields={"FNAME": "Changed"})
-    time.sleep(2.1)
+    settle(sb)
     writes = sb.ometria_writes("client-1")
     kill_when(start_materialize(partition, log), lambda: sb.ometria_writes("client-1") >= writes + 200, log)
     assert latest_watermark(instance, partition) == watermark  # the watermark never passed the crash

@@ -18,16 +18,20 @@ from mc_pipeline.assets.mailchimp import latest_watermark
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.resources import MailchimpResource, OmetriaResource
 from mc_pipeline.sandbox import Faults, Latency, SandboxConfig
-from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, step_failure_message, sync
+from mc_pipeline_tests.helpers import (
+    assert_ometria_matches,
+    expected_contacts,
+    metadata,
+    set_ometria_rate,
+    settle,
+    step_failure_message,
+    sync,
+)
 
 FAST = {
     "mailchimp": MailchimpResource(backoff_base_s=0.02, backoff_cap_s=0.2, read_timeout_s=1.0, max_attempts=8),
     "ometria": OmetriaResource(backoff_base_s=0.02, backoff_cap_s=0.2, read_timeout_s=1.0, max_attempts=8),
 }
-
-
-def settle() -> None:
-    time.sleep(2.1)
 
 
 def test_mailchimp_faults_are_retried_and_every_member_arrives(
@@ -55,6 +59,7 @@ def test_mailchimp_faults_are_retried_and_every_member_arrives(
     assert_ometria_matches(sb, f"client-1:{list_id}")
 
 
+@pytest.mark.slow
 def test_ometria_faults_are_retried_without_storing_anything_twice(tmp_path: Path, instance: DagsterInstance) -> None:
     """429 (rate and backlog), 5xx, a dropped answer and a timeout after the batch was stored."""
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=3000)
@@ -108,12 +113,13 @@ def test_ometria_refusals_stop_the_import_and_keep_the_watermark(
     small_env: LocalEnvironment, instance: DagsterInstance, fault: str, expected: str
 ) -> None:
     sb = small_env.sandbox
+    set_ometria_rate(small_env, 8, 8)  # at 100 a second, a second batch may leave before the refusal is back
     list_id = sb.client("client-1").list_ids[1]
     partition = f"client-1:{list_id}"
     sync(instance, partition, overrides=FAST)
     watermark = latest_watermark(instance, partition)
     sb.add_member(list_id, "late.comer@example.org")
-    settle()
+    settle(sb)
     if fault == "revoked":
         sb.revoke("client-1", "ometria")
     else:
@@ -150,11 +156,13 @@ def test_rejected_records_become_dead_letters_below_the_threshold(
     assert len(held) == len(expected_contacts(sb, list_id)) - 3
 
 
+@pytest.mark.slow
 def test_members_changed_during_a_long_full_sync_are_not_missed(tmp_path: Path, instance: DagsterInstance) -> None:
     """The list changes while a slow full sync pages through it; the next incremental catches up."""
     config = SandboxConfig.generated(clients=1, lists_per_client=1, members=6000)
     config.mailchimp.latency = Latency(base_ms=60)
     with sandbox_environment(config, tmp_path / "work") as env:
+        set_ometria_rate(env)  # the subject is the paging: pushes need not wait on Ometria's 8 a second
         sb = env.sandbox
         partition = env.partition_keys()[0]
         list_id = partition.split(":")[1]
@@ -190,7 +198,7 @@ def test_members_changed_during_a_long_full_sync_are_not_missed(tmp_path: Path, 
         assert len(changed) > 20
         pages = metadata(full, "mailchimp/member_pages")
         assert pages["total_items"] >= pages["total_items_at_end"]
-        settle()
+        settle(sb)
         sync(instance, partition)
         assert_ometria_matches(sb, partition)
 

@@ -14,7 +14,7 @@ from dagster import DagsterInstance
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.resources import MailchimpResource, OmetriaResource
 from mc_pipeline.storage import PipelineStorage, RunFolder
-from mc_pipeline_tests.helpers import expected_contacts, metadata, step_failure_message, sync
+from mc_pipeline_tests.helpers import expected_contacts, metadata, set_ometria_rate, step_failure_message, sync
 
 FAST = {
     "mailchimp": MailchimpResource(backoff_base_s=0.02, backoff_cap_s=0.2, read_timeout_s=1.0, max_attempts=8),
@@ -142,6 +142,7 @@ def test_the_first_refusal_stops_every_push_of_the_account(
 ) -> None:
     """Item 4: a 402 on the first request of a 26-batch push; no other batch is sent after it."""
     sb = small_env.sandbox
+    set_ometria_rate(small_env, 8, 8)  # at 100 a second, a second batch may leave before the 402 is back
     _, partition = _list(small_env, 1)
     sb.script_faults("client-1", ["402"])
     failed = sync(instance, partition, raise_on_error=False, overrides=FAST)

@@ -221,6 +221,7 @@ def search(root: Path, markers: list[str]) -> list[str]:
     return hits
 
 
+@pytest.mark.slow
 def test_keys_never_leave_the_environment_on_postgres(
     pg_database: str, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

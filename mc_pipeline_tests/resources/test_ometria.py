@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 
@@ -11,6 +13,7 @@ from mc_pipeline.resources.errors import OmetriaAuthError, OmetriaQuotaError, Om
 from mc_pipeline.resources.limits import SlidingWindowLimiter
 from mc_pipeline.resources.ometria import OmetriaResource, PushStats
 from mc_pipeline.resources.ometria_push import OmetriaSystemicRejection
+from mc_pipeline_tests.conftest import make_env
 
 FAST = OmetriaResource(backoff_base_s=0.01, backoff_cap_s=0.05)
 
@@ -32,16 +35,18 @@ def client_of(env: LocalEnvironment, resource: OmetriaResource = FAST):
     return resource.client(YamlClientRegistry(env.registry).client("client-1"))
 
 
-def test_twenty_batches_stay_under_eight_per_second(small_env: LocalEnvironment) -> None:
-    sb = small_env.sandbox
-    om = client_of(small_env)
-    stats = PushStats()
-    for b in range(20):
-        result = om.push(orjson.dumps(records(b * 100, 100)), 100, stats)
-        assert (result.accepted, result.rejected) == (100, 0)
-    assert sb.stats("ometria:client-1")["throttled"] == 0
-    assert stats.requests == 20 and stats.pushed == 2000
-    assert len(sb.ometria_contacts("client-1", "test")) == 2000
+def test_twenty_batches_stay_under_eight_per_second(tmp_path: Path) -> None:
+    with make_env(tmp_path, clients=1, lists_per_client=1, members=[10]) as env:
+        sb = env.sandbox
+        assert sb.config.ometria.rate_per_second == 8  # the plan's limit, not small_env's raised one
+        om = client_of(env)
+        stats = PushStats()
+        for b in range(20):
+            result = om.push(orjson.dumps(records(b * 100, 100)), 100, stats)
+            assert (result.accepted, result.rejected) == (100, 0)
+        assert sb.stats("ometria:client-1")["throttled"] == 0
+        assert stats.requests == 20 and stats.pushed == 2000
+        assert len(sb.ometria_contacts("client-1", "test")) == 2000
 
 
 def test_limiter_never_admits_more_than_rate_in_a_window() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -233,6 +234,22 @@ class TestHttpAdmin:
         assert changed.startswith("2032-01-02T03:04:0")
         reset = datetime.fromisoformat(admin(fresh, "POST", "/clock", json={"reset": True}).json()["now"])
         assert abs(reset - datetime.now(UTC)) < timedelta(seconds=5)
+
+    def test_the_date_header_and_last_changed_follow_the_clock(self, fresh: Sandbox) -> None:
+        """A sync's window ends one second before the Date header: tests advance the clock, not wait."""
+        lid = fresh.client("client-1").list_ids[0]
+        m = pick(fresh, lid, 1)[0]
+        when = datetime(2033, 4, 5, 6, 7, 8, tzinfo=UTC)
+        fresh.clock.set(when)
+        fresh.update_member(lid, m["id"], merge_fields={"LNAME": "Now"})
+        r = mc_get(fresh, f"/lists/{lid}/members/{m['id']}")
+        changed = datetime.fromisoformat(r.json()["last_changed"])
+        assert abs(parsedate_to_datetime(r.headers["Date"]) - when) < timedelta(seconds=5)
+        pushed = om_push(fresh, [contact("c-date")])
+        assert abs(parsedate_to_datetime(pushed.headers["Date"]) - when) < timedelta(seconds=5)
+        fresh.clock.advance(1)  # what `settle` does: the next window's end reaches the change
+        served = parsedate_to_datetime(mc_get(fresh, f"/lists/{lid}/members/{m['id']}").headers["Date"])
+        assert served - timedelta(seconds=1) >= changed
 
     def test_faults_route(self, fresh: Sandbox) -> None:
         lid = fresh.client("client-1").list_ids[0]
