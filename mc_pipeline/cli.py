@@ -54,7 +54,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         )
         print(f"registry written to {args.write_registry}" + (f", keys to {args.write_env}" if args.write_env else ""))
     keys = [f"{acc.client_id}:{spec.id}" for acc in config.accounts for spec in acc.lists]
-    print(f"partition keys (<client id>:<list id>): {_few(keys)}", flush=True)
+    print(f"partition keys (<client id>:<list id>): {_few(keys, 10)}", flush=True)
     total = sum(spec.members for acc in config.accounts for spec in acc.lists)
     print(f"generating {len(keys)} lists, {total:,} members ...", flush=True)
 
@@ -177,7 +177,7 @@ def _list_registry_keys() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     desired = _desired(clients)
-    for key in sorted(desired.keys):
+    for key in desired.keys:  # the registry's order: its first list first
         print(key)
     for error in desired.errors:
         print(f"error: {error}", file=sys.stderr)
