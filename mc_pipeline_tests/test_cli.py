@@ -135,6 +135,11 @@ def test_partitions_list_registry_prints_the_real_keys(
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert main(["partitions", "list", "--registry"]) == 0
     assert capsys.readouterr().out.split() == small_env.partition_keys()
+    data = yaml.safe_load(small_env.registry.read_text())
+    data["clients"][0]["lists"] = "all"  # resolved as the sensor does: Mailchimp is asked
+    small_env.registry.write_text(yaml.safe_dump(data))
+    assert main(["partitions", "list", "--registry"]) == 0
+    assert sorted(capsys.readouterr().out.split()) == sorted(small_env.partition_keys())
     monkeypatch.delenv("MC_PIPELINE_CLIENTS")
     assert main(["partitions", "list", "--registry"]) == 2
     assert "MC_PIPELINE_CLIENTS is not set" in capsys.readouterr().err
