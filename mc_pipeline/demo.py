@@ -124,29 +124,25 @@ class Progress:
         self.tty = self.out.isatty() if tty is None else tty
         self._state: object = None
         self._at = 0.0
-        self._line = ""
+        self._line = self._shown = ""
 
     def update(self, state: object, line: str) -> None:
         """`state` is what matters (counts); `line` also carries the clock."""
         now = time.monotonic()
         self._line = line
-        if self.tty:
-            if now - self._at >= 0.5 or state != self._state:
-                print("\r" + line, end="", file=self.out, flush=True)
-                self._at, self._state = now, state
-        elif state != self._state or now - self._at >= 15:
-            print(line, file=self.out, flush=True)
+        if state != self._state or now - self._at >= (0.5 if self.tty else 15):
+            self._show(line)
             self._at, self._state = now, state
 
     def close(self) -> None:
         if self.tty:
-            print("\r" + self._line, file=self.out, flush=True)
-        elif self._line and self._state is not _PRINTED:
-            print(self._line, file=self.out, flush=True)
-        self._state = _PRINTED
+            print(file=self.out, flush=True)
+        elif self._line != self._shown:
+            self._show(self._line)
 
-
-_PRINTED = object()
+    def _show(self, line: str) -> None:
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=self.out, flush=True)
+        self._shown = line
 
 
 def next_tick_in(now: float, every_s: int = 60) -> float:
