@@ -163,8 +163,9 @@ def wait_for_syncs(
 ) -> dict[str, str]:
     """Until every partition has a successful `kind` run started after `after`: {partition: run id}.
 
-    Meanwhile a status line from the instance's runs and the sandbox's counters; before any run
-    exists it says what launches them (`waiting_for`) and, for a schedule, when it next ticks.
+    Meanwhile a status line from the instance's runs and the sandbox's counters; while no run is
+    queued or running it says what launches them (`waiting_for`) and, for a schedule, when it ticks
+    (a list still busy with its full sync at a tick waits for the next one).
     """
     from dagster import DagsterRunStatus, RunsFilter
 
@@ -200,10 +201,12 @@ def wait_for_syncs(
             f"  {kind} syncs: {len(done)}/{len(keys)} done, {counts['running']} running, "
             f"{counts['queued']} queued | {pushed:>9,} contacts pushed | {time.monotonic() - started:6.1f}s"
         )
-        if not any(state):
-            line += f" | waiting for {waiting_for}" + (
-                f" to tick (in {next_tick_in(time.time(), tick_every_s):.0f}s)" if tick_every_s else ""
-            )
+        if not counts["running"] and not counts["queued"]:  # nothing launched for the lists left
+            line += f" | waiting for {waiting_for}"
+            if tick_every_s:  # the daemon runs a tick a few seconds after its minute: say both
+                wait = next_tick_in(time.time(), tick_every_s)
+                last = time.strftime("%H:%M:%S", time.localtime(time.time() + wait - tick_every_s))
+                line += f" (ticks every {tick_every_s}s: last {last}, next in {wait:.0f}s)"
         progress.update(state, line)
         time.sleep(0.5)
     progress.close()
@@ -300,10 +303,10 @@ def run_demo(home: Path, clients: int, sizes: list[int], port: int, seed: int, k
             else:
                 held = len(sb.ometria_contacts(client_id, collection))
                 _print(f"  ok   {key}: Ometria holds exactly the {held:,} contacts Mailchimp lists")
-        for c in sb.clients():
-            mc, om = sb.stats(f"mailchimp:{c.client_id}"), sb.stats(f"ometria:{c.client_id}")
+        for account in sb.clients():
+            mc, om = sb.stats(f"mailchimp:{account.client_id}"), sb.stats(f"ometria:{account.client_id}")
             _print(
-                f"  {c.client_id}: Mailchimp peak {mc['peak_in_flight']} requests in flight, {mc['throttled']} "
+                f"  {account.client_id}: Mailchimp peak {mc['peak_in_flight']} requests in flight, {mc['throttled']} "
                 f"answered 429; Ometria {om['requests']} pushes, {om['throttled']} answered 429"
             )
     sizes_arg = ",".join(map(str, sizes))
