@@ -87,7 +87,7 @@ def _ensure_instance_file(home: Path) -> str:
         return f"{path}: " + ("up to date" if same else "kept as it is (not written by mc-pipeline init)")
     home.mkdir(parents=True, exist_ok=True)
     path.write_text(local_instance_yaml(), encoding="utf-8")
-    return f"{path}: written (SQLite; the run queue limits one run per list and per account, as in production)"
+    return f"{path}: written (SQLite; the run queue allows one run per list and per account, as in production)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
