@@ -201,8 +201,8 @@ def wait_for_syncs(
             f"  {kind} syncs: {len(done)}/{len(keys)} done, {counts['running']} running, "
             f"{counts['queued']} queued | {pushed:>9,} contacts pushed | {time.monotonic() - started:6.1f}s"
         )
-        if not counts["running"] and not counts["queued"]:  # nothing launched for the lists left
-            line += f" | waiting for {waiting_for}"
+        if len(done) + len(failed) < len(keys) and not counts["running"] and not counts["queued"]:
+            line += f" | waiting for {waiting_for}"  # nothing launched yet for the lists left
             if tick_every_s:  # the daemon runs a tick a few seconds after its minute: say both
                 wait = next_tick_in(time.time(), tick_every_s)
                 last = time.strftime("%H:%M:%S", time.localtime(time.time() + wait - tick_every_s))
