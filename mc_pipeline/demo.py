@@ -150,6 +150,23 @@ def next_tick_in(now: float, every_s: int = 60) -> float:
     return every_s - now % every_s
 
 
+def status_line(kind: str, done: int, total: int, counts: dict[str, int], pushed: int, elapsed: float) -> str:
+    return (
+        f"  {kind} syncs: {done}/{total} done, {counts['running']} running, {counts['queued']} queued "
+        f"| {pushed:>9,} contacts pushed | {elapsed:6.1f}s"
+    )
+
+
+def waiting_note(waiting_for: str, tick_every_s: int | None, now: float) -> str:
+    """What launches the next runs; for a schedule, its last and next tick (the daemon runs a tick a
+    few seconds after its time, and a list still busy at a tick waits for the next one)."""
+    if not tick_every_s:
+        return f" | waiting for {waiting_for}"
+    wait = next_tick_in(now, tick_every_s)
+    last = time.strftime("%H:%M:%S", time.localtime(now + wait - tick_every_s))
+    return f" | waiting for {waiting_for} (ticks every {tick_every_s}s: last {last}, next in {wait:.0f}s)"
+
+
 def wait_for_syncs(
     instance: Any,
     sb: Sandbox,
@@ -197,16 +214,10 @@ def wait_for_syncs(
                 counts["running"] += 1
         pushed = sum(sb.ometria_writes(c.client_id) for c in sb.clients()) - base_pushed
         state = (len(done), counts["running"], counts["queued"], len(failed))
-        line = (
-            f"  {kind} syncs: {len(done)}/{len(keys)} done, {counts['running']} running, "
-            f"{counts['queued']} queued | {pushed:>9,} contacts pushed | {time.monotonic() - started:6.1f}s"
-        )
-        if len(done) + len(failed) < len(keys) and not counts["running"] and not counts["queued"]:
-            line += f" | waiting for {waiting_for}"  # nothing launched yet for the lists left
-            if tick_every_s:  # the daemon runs a tick a few seconds after its minute: say both
-                wait = next_tick_in(time.time(), tick_every_s)
-                last = time.strftime("%H:%M:%S", time.localtime(time.time() + wait - tick_every_s))
-                line += f" (ticks every {tick_every_s}s: last {last}, next in {wait:.0f}s)"
+        left = len(keys) - len(done) - len(failed)
+        line = status_line(kind, len(done), len(keys), counts, pushed, time.monotonic() - started)
+        if left and not counts["running"] and not counts["queued"]:  # nothing launched yet for the lists left
+            line += waiting_note(waiting_for, tick_every_s, time.time())
         progress.update(state, line)
         time.sleep(0.5)
     progress.close()
@@ -237,7 +248,7 @@ def closing_text(dagster_home: Path, registry: Path, data_dir: Path, env_file: P
         "changes and Ometria empty, while Dagster's watermarks say every list is synced, so an "
         "incremental run would import nothing. Resync with a full refresh of each list first "
         "(in a shell with the exports above):\n"
-        f'  for key in $(mc-pipeline partitions list); do {full_refresh_command("$key")}; done'
+        f"  for key in $(mc-pipeline partitions list); do {full_refresh_command('$key')}; done"
     )
 
 

@@ -189,4 +189,3 @@ def test_generated_files_are_ignored_by_git() -> None:
         pytest.skip(f"not a git checkout: {done.stderr.strip()}")
     ignored = {line.split("\t")[-1] for line in done.stdout.splitlines() if not line.startswith("::")}
     assert ignored == set(generated), done.stdout
-

@@ -6,9 +6,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 
-from mc_pipeline.demo import Progress, closing_text, full_refresh_command, next_tick_in
+from mc_pipeline.demo import Progress, closing_text, full_refresh_command, next_tick_in, waiting_note
 from mc_pipeline.jobs import sync_run_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -58,6 +59,15 @@ def test_next_tick_counts_down_to_the_minute() -> None:
     minute = 999_999_960.0  # a whole minute (divisible by 60)
     assert next_tick_in(minute + 20) == 40.0
     assert next_tick_in(minute + 59.5) == 0.5
+
+
+def test_the_wait_for_the_schedule_says_when_it_ticks() -> None:
+    """The demo sat 45 s at "0/2 done" without saying it waited for the next minute's tick."""
+    minute = 999_999_960.0
+    note = waiting_note("hourly_incremental_sync", 60, minute + 15)
+    last = time.strftime("%H:%M:%S", time.localtime(minute))
+    assert note == f" | waiting for hourly_incremental_sync (ticks every 60s: last {last}, next in 45s)"
+    assert waiting_note("mailchimp_lists_sensor", None, minute) == " | waiting for mailchimp_lists_sensor"
 
 
 def test_the_closing_text_says_the_next_sandbox_starts_fresh_and_how_to_resync(tmp_path: Path) -> None:
