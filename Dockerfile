@@ -29,10 +29,11 @@ RUN groupadd --system --gid 10001 dagster \
     && mkdir -p /opt/dagster/dagster_home /opt/dagster/logs/compute /data /opt/mc_pipeline/deploy \
     && chown -R dagster:dagster /opt/dagster /data
 
-# The instance and the workspace. DAGSTER_HOME is writable by the user (Dagster keeps small
+# The instance (deploy/dagster.yaml: kept out of the repository root, where Dagster's CLI would
+# read it for local work) and the workspace. DAGSTER_HOME is writable by the user (Dagster keeps small
 # local state there); the two YAML files are root-owned, read-only configuration.
 ENV DAGSTER_HOME=/opt/dagster/dagster_home
-COPY dagster.yaml workspace.yaml /opt/dagster/dagster_home/
+COPY deploy/dagster.yaml workspace.yaml /opt/dagster/dagster_home/
 
 USER dagster
 WORKDIR /opt/dagster/dagster_home

@@ -53,14 +53,41 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             config, public, Path(args.write_registry), Path(args.write_env) if args.write_env else None
         )
         print(f"registry written to {args.write_registry}" + (f", keys to {args.write_env}" if args.write_env else ""))
+    keys = [f"{acc.client_id}:{spec.id}" for acc in config.accounts for spec in acc.lists]
+    print(f"partition keys (<client id>:<list id>): {_few(keys, 10)}", flush=True)
     total = sum(spec.members for acc in config.accounts for spec in acc.lists)
-    print(
-        f"sandbox on {public}: Mailchimp {public}/3.0, Ometria {public}/v2, admin {public}/_sandbox "
-        f"({len(config.accounts)} clients, {sum(len(a.lists) for a in config.accounts)} lists, {total} members)",
-        flush=True,
-    )
-    serve_forever(config)
+    print(f"generating {len(keys)} lists, {total:,} members ...", flush=True)
+
+    def listening() -> None:  # called once the port accepts connections, not before
+        print(
+            f"sandbox on {public}: Mailchimp {public}/3.0, Ometria {public}/v2, admin {public}/_sandbox "
+            f"({len(config.accounts)} clients, {len(keys)} lists, {total} members); Ctrl-C stops it",
+            flush=True,
+        )
+
+    serve_forever(config, on_listening=listening)
     return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """A project-local Dagster instance with production's run queue and limits (one run per list and account)."""
+    home = Path(args.home).resolve()
+    print(_ensure_instance_file(home))
+    print(f"export DAGSTER_HOME={home}")
+    return 0
+
+
+def _ensure_instance_file(home: Path) -> str:
+    """Write `home/dagster.yaml` (mc_pipeline.local's local instance) unless one is there; say what was done."""
+    from mc_pipeline.local import local_instance_yaml
+
+    path = home / "dagster.yaml"
+    if path.exists():
+        same = path.read_text(encoding="utf-8") == local_instance_yaml()
+        return f"{path}: " + ("up to date" if same else "kept as it is (not written by mc-pipeline init)")
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(local_instance_yaml(), encoding="utf-8")
+    return f"{path}: written (SQLite; the run queue allows one run per list and per account, as in production)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -72,8 +99,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _instance():
     from dagster import DagsterInstance
 
-    if not os.environ.get("DAGSTER_HOME"):
-        raise SystemExit("DAGSTER_HOME is not set: partitions live in a Dagster instance (see the README)")
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise SystemExit(
+            "DAGSTER_HOME is not set: partitions live in a Dagster instance; "
+            "`mc-pipeline init` makes one in .dagster_home and prints the export line"
+        )
+    if not (Path(home) / "dagster.yaml").exists():  # first use: the same limits as `mc-pipeline init`
+        print(_ensure_instance_file(Path(home)), file=sys.stderr)
     return DagsterInstance.get()
 
 
@@ -81,6 +114,8 @@ def cmd_partitions(args: argparse.Namespace) -> int:
     from mc_pipeline.partitions import MAILCHIMP_LISTS
     from mc_pipeline.registry import parse_partition_key
 
+    if args.action == "list" and args.registry:
+        return _list_registry_keys()
     instance = _instance()
     if args.action == "list":
         for key in instance.get_dynamic_partitions(MAILCHIMP_LISTS):
@@ -128,25 +163,53 @@ _KEY_HINT = (
 )
 
 
+def _list_registry_keys() -> int:
+    """The partition keys the registry in MC_PIPELINE_CLIENTS gives (what the sensor adds), one a line."""
+    registry = os.environ.get("MC_PIPELINE_CLIENTS")
+    if not registry:
+        print("error: MC_PIPELINE_CLIENTS is not set (the client registry)", file=sys.stderr)
+        return 2
+    from mc_pipeline.registry import RegistryError, YamlClientRegistry
+
+    try:
+        clients = YamlClientRegistry(registry).clients()
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if all(c.lists != "all" for c in clients):  # named lists: no Mailchimp call, no Dagster import
+        keys, errors = [f"{c.id}:{list_id}" for c in clients for list_id in c.lists], []
+    else:
+        desired = _desired(clients)
+        keys, errors = list(desired.keys), desired.errors
+    for key in keys:  # the registry's order: its first list first
+        print(key)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _desired(clients: list):  # -> DesiredPartitions, resolved as the sensor resolves them
+    import time
+
+    from mc_pipeline.automation.sensors import SensorCursor, desired_partitions
+    from mc_pipeline.resources import MailchimpResource
+
+    return desired_partitions(clients, SensorCursor(), MailchimpResource(), time.time())
+
+
 def _not_in_registry(path: Path, keys: list[str]) -> dict[str, str]:
     """Why each key is not a list of the registry (none when all are): the sensor would delete it.
 
     `lists: all` clients are resolved as the sensor resolves them, by asking Mailchimp.
     """
-    import time
-
-    from mc_pipeline.automation.sensors import SensorCursor, desired_partitions
     from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
-    from mc_pipeline.resources import MailchimpResource
 
     try:
         clients = YamlClientRegistry(path).clients()
     except RegistryError as exc:
         return dict.fromkeys(keys, str(exc))
     named = {parse_partition_key(k)[0] for k in keys}
-    desired = desired_partitions(
-        [c for c in clients if c.id in named], SensorCursor(), MailchimpResource(), time.time()
-    )
+    desired = _desired([c for c in clients if c.id in named])
     problems = {}
     for key in keys:
         client_id, list_id = parse_partition_key(key)
@@ -290,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--write-env", help="write the sandbox keys as an env file (mode 600)")
     sb.set_defaults(func=cmd_sandbox)
 
+    init = sub.add_parser("init", help="write a project-local Dagster instance with production's run queue limits")
+    init.add_argument("--home", default=".dagster_home", help="the folder DAGSTER_HOME will name")
+    init.set_defaults(func=cmd_init)
+
     demo = sub.add_parser("demo", help="full and incremental syncs through Dagster against the sandbox")
     demo.add_argument("--clients", type=int, default=1, help="clients (accounts), each with the lists below")
     demo.add_argument("--members", default="20000,100000", help="sizes of each client's lists")
@@ -302,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     parts = sub.add_parser("partitions", help="list, add or remove mailchimp_lists partitions (DAGSTER_HOME)")
     parts.add_argument("action", choices=["list", "add", "remove"])
     parts.add_argument("keys", nargs="*", metavar="CLIENT:LIST", help="e.g. acme:1a2d7ebf82")
+    parts.add_argument(
+        "--registry", action="store_true", help="list: the keys the registry (MC_PIPELINE_CLIENTS) gives, not Dagster's"
+    )
     parts.set_defaults(func=cmd_partitions)
 
     dead = sub.add_parser("dead-letters", help="list a partition's dead letters, or replay them after a fix")

@@ -9,13 +9,14 @@ lists. Runs land in a project-local instance, so `dagster dev` shows the same hi
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from mc_pipeline.local import (
     dagster_daemon,
@@ -26,7 +27,6 @@ from mc_pipeline.local import (
 )
 from mc_pipeline.registry import YamlClientRegistry, parse_partition_key
 from mc_pipeline.sandbox import Sandbox, SandboxConfig
-from mc_pipeline.sandbox.registry import key_environment
 from mc_pipeline.tags import SYNC_KIND
 
 TIMEOUT_S = 3600
@@ -115,21 +115,82 @@ def mutate(sb: Sandbox, list_id: str, rng: random.Random) -> dict[str, int]:
     return {"added": n, "changed": n, "unsubscribed": n, "cleaned": n}
 
 
+class Progress:
+    """A status line: rewritten in place on a terminal; elsewhere a line whenever it changes (at
+    most every 15 s while only the clock moves), and the last state always, so a log keeps it."""
+
+    def __init__(self, out: TextIO | None = None, tty: bool | None = None) -> None:
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self._state: object = None
+        self._at = 0.0
+        self._line = self._shown = ""
+
+    def update(self, state: object, line: str) -> None:
+        """`state` is what matters (counts); `line` also carries the clock."""
+        now = time.monotonic()
+        self._line = line
+        if state != self._state or now - self._at >= (0.5 if self.tty else 15):
+            self._show(line)
+            self._at, self._state = now, state
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.out, flush=True)
+        elif self._line != self._shown:
+            self._show(self._line)
+
+    def _show(self, line: str) -> None:
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=self.out, flush=True)
+        self._shown = line
+
+
+def next_tick_in(now: float, every_s: int = 60) -> float:
+    """Seconds until a cron of every `every_s` seconds (the demo's every-minute schedule) fires."""
+    return every_s - now % every_s
+
+
+def status_line(kind: str, done: int, total: int, counts: dict[str, int], pushed: int, elapsed: float) -> str:
+    return (
+        f"  {kind} syncs: {done}/{total} done, {counts['running']} running, {counts['queued']} queued "
+        f"| {pushed:>9,} contacts pushed | {elapsed:6.1f}s"
+    )
+
+
+def waiting_note(waiting_for: str, tick_every_s: int | None, now: float) -> str:
+    """What launches the next runs; for a schedule, its last and next tick (the daemon runs a tick a
+    few seconds after its time, and a list still busy at a tick waits for the next one)."""
+    if not tick_every_s:
+        return f" | waiting for {waiting_for}"
+    wait = next_tick_in(now, tick_every_s)
+    last = time.strftime("%H:%M:%S", time.localtime(now + wait - tick_every_s))
+    return f" | waiting for {waiting_for} (ticks every {tick_every_s}s: last {last}, next in {wait:.0f}s)"
+
+
 def wait_for_syncs(
-    instance: Any, sb: Sandbox, keys: list[str], kind: str, after: float, daemon: Any, log: Path
+    instance: Any,
+    sb: Sandbox,
+    keys: list[str],
+    kind: str,
+    after: float,
+    daemon: Any,
+    log: Path,
+    waiting_for: str = "mailchimp_lists_sensor",
+    tick_every_s: int | None = None,
 ) -> dict[str, str]:
     """Until every partition has a successful `kind` run started after `after`: {partition: run id}.
 
-    Meanwhile one status line, from the instance's runs and the sandbox's counters.
+    Meanwhile a status line from the instance's runs and the sandbox's counters; while no run is
+    queued or running it says what launches them (`waiting_for`) and, for a schedule, when it ticks
+    (a list still busy with its full sync at a tick waits for the next one).
     """
     from dagster import DagsterRunStatus, RunsFilter
 
-    tty = sys.stdout.isatty()
+    progress = Progress()
     started = time.monotonic()
     done: dict[str, str] = {}
     failed: dict[str, str] = {}
     base_pushed = sum(sb.ometria_writes(c.client_id) for c in sb.clients())
-    last_line = 0.0
     while len(done) + len(failed) < len(keys):
         if daemon.poll() is not None:
             raise RuntimeError(f"dagster-daemon exited ({daemon.returncode}); see {log}")
@@ -151,18 +212,44 @@ def wait_for_syncs(
                 counts["queued"] += 1
             else:
                 counts["running"] += 1
-        if time.monotonic() - last_line >= (0.5 if tty else 15):
-            last_line = time.monotonic()
-            pushed = sum(sb.ometria_writes(c.client_id) for c in sb.clients()) - base_pushed
-            line = (
-                f"  {kind} syncs: {len(done)}/{len(keys)} done, {counts['running']} running, "
-                f"{counts['queued']} queued | {pushed:>9,} contacts pushed | {time.monotonic() - started:6.1f}s"
-            )
-            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+        pushed = sum(sb.ometria_writes(c.client_id) for c in sb.clients()) - base_pushed
+        state = (len(done), counts["running"], counts["queued"], len(failed))
+        left = len(keys) - len(done) - len(failed)
+        line = status_line(kind, len(done), len(keys), counts, pushed, time.monotonic() - started)
+        if left and not counts["running"] and not counts["queued"]:  # nothing launched yet for the lists left
+            line += waiting_note(waiting_for, tick_every_s, time.time())
+        progress.update(state, line)
         time.sleep(0.5)
-    if tty:
-        print()
+    progress.close()
     return done
+
+
+def full_refresh_command(partition: str) -> str:
+    """The CLI line that syncs one list in full (the README's, from the job's own run config)."""
+    from mc_pipeline.jobs import sync_run_config
+
+    return (
+        "dagster asset materialize -m mc_pipeline.definitions --select 'mailchimp/member_pages*' "
+        f"--partition {partition} --config-json '{json.dumps(sync_run_config(full_refresh=True))}'"
+    )
+
+
+def closing_text(dagster_home: Path, registry: Path, data_dir: Path, env_file: Path, sandbox_command: str) -> str:
+    """How to look at the runs, and how to sync more: the sandbox a new command starts is fresh."""
+    return (
+        "\nThe run history is in a local Dagster instance. To see it in the web UI:\n"
+        f"  export DAGSTER_HOME={dagster_home} MC_PIPELINE_CLIENTS={registry} MC_PIPELINE_DATA_DIR={data_dir}\n"
+        f"  set -a; . {env_file}; set +a\n"
+        "  dagster dev -m mc_pipeline.definitions\n"
+        "\nFor more syncs, start the same sandbox in another terminal (it blocks, and prints "
+        "'sandbox on ...' once it accepts connections):\n"
+        f"  {sandbox_command}\n"
+        "It starts fresh from the seed: the same keys and lists, but Mailchimp without the demo's "
+        "changes and Ometria empty, while Dagster's watermarks say every list is synced, so an "
+        "incremental run would import nothing. Resync with a full refresh of each list first "
+        "(in a shell with the exports above):\n"
+        f"  for key in $(mc-pipeline partitions list); do {full_refresh_command('$key')}; done"
+    )
 
 
 def run_demo(home: Path, clients: int, sizes: list[int], port: int, seed: int, keep: bool) -> int:
@@ -173,7 +260,7 @@ def run_demo(home: Path, clients: int, sizes: list[int], port: int, seed: int, k
     if home.exists() and not keep:
         shutil.rmtree(home)
     dagster_home.mkdir(parents=True, exist_ok=True)
-    (dagster_home / "dagster.yaml").write_text(local_instance_yaml())
+    (dagster_home / "dagster.yaml").write_text(local_instance_yaml())  # production's queue limits
     config = SandboxConfig.generated(clients=clients, lists_per_client=len(sizes), members=sizes, seed=seed, port=port)
     total = clients * sum(sizes)
     _print(f"Starting the sandbox (seed {seed}): {clients} client(s), {clients * len(sizes)} lists, {total:,} members")
@@ -186,13 +273,10 @@ def run_demo(home: Path, clients: int, sizes: list[int], port: int, seed: int, k
     ok = True
     with (
         Sandbox(config) as sb,
-        sandbox_environment(config, home, sb) as env,
+        sandbox_environment(config, home, sb, env_file=home / "sandbox.env") as env,
         patched_environ(settings),
     ):
         _print(f"Sandbox ready in {time.monotonic() - t0:.1f}s at {sb.base_url} (Mailchimp /3.0, Ometria /v2)")
-        env_file = home / "sandbox.env"
-        env_file.write_text("".join(f"{k}={v}\n" for k, v in key_environment(config).items()))
-        env_file.chmod(0o600)
         keys = env.partition_keys()
         instance = DagsterInstance.get()
         daemon_log = home / "daemon.log"
@@ -211,7 +295,9 @@ def run_demo(home: Path, clients: int, sizes: list[int], port: int, seed: int, k
                 _print(f"  {key}: " + ", ".join(f"{v} {k}" for k, v in c.items()))
             _print("\nIncremental syncs, launched by hourly_incremental_sync (ticking each minute for the demo):")
             # A run whose window ends after the changes: it starts at least 2 s after them.
-            incremental = wait_for_syncs(instance, sb, keys, "incremental", changed_at + 2, daemon, daemon_log)
+            incremental = wait_for_syncs(
+                instance, sb, keys, "incremental", changed_at + 2, daemon, daemon_log, "hourly_incremental_sync", 60
+            )
             rows += [run_figures(instance, run_id, key, "incremental") for key, run_id in sorted(incremental.items())]
             ok = ok and len(incremental) == len(keys)
 
@@ -228,22 +314,16 @@ def run_demo(home: Path, clients: int, sizes: list[int], port: int, seed: int, k
             else:
                 held = len(sb.ometria_contacts(client_id, collection))
                 _print(f"  ok   {key}: Ometria holds exactly the {held:,} contacts Mailchimp lists")
-        for c in sb.clients():
-            mc, om = sb.stats(f"mailchimp:{c.client_id}"), sb.stats(f"ometria:{c.client_id}")
+        for account in sb.clients():
+            mc, om = sb.stats(f"mailchimp:{account.client_id}"), sb.stats(f"ometria:{account.client_id}")
             _print(
-                f"  {c.client_id}: Mailchimp peak {mc['peak_in_flight']} requests in flight, {mc['throttled']} "
+                f"  {account.client_id}: Mailchimp peak {mc['peak_in_flight']} requests in flight, {mc['throttled']} "
                 f"answered 429; Ometria {om['requests']} pushes, {om['throttled']} answered 429"
             )
     sizes_arg = ",".join(map(str, sizes))
-    _print(
-        "\nThe run history is in a local Dagster instance. To see it in the web UI:\n"
-        f"  export DAGSTER_HOME={dagster_home}\n"
-        f"  export MC_PIPELINE_CLIENTS={env.registry} MC_PIPELINE_DATA_DIR={env.data_dir}\n"
-        f"  set -a; . {home / 'sandbox.env'}; set +a\n"
-        f"  mc-pipeline sandbox --port {port} --seed {seed} --clients {clients} --lists {len(sizes)} "
-        f"--members {sizes_arg} &   # the same keys and lists, for more syncs\n"
-        "  dagster dev -m mc_pipeline.definitions"
-    )
+    command = f"mc-pipeline sandbox --port {port} --seed {seed} --clients {clients} --lists {len(sizes)} "
+    command += f"--members {sizes_arg}"
+    _print(closing_text(dagster_home, env.registry, env.data_dir, home / "sandbox.env", command))
     return 0 if ok else 1
 
 

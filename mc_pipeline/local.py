@@ -43,16 +43,16 @@ class LocalEnvironment:
 
 @contextmanager
 def sandbox_environment(
-    config: SandboxConfig, workdir: Path, sandbox: Sandbox | None = None
+    config: SandboxConfig, workdir: Path, sandbox: Sandbox | None = None, env_file: Path | None = None
 ) -> Iterator[LocalEnvironment]:
     """Start (or reuse) a sandbox and point MC_PIPELINE_CLIENTS, MC_PIPELINE_DATA_DIR and the
-    per-client key variables at it for the duration."""
+    per-client key variables at it for the duration; `env_file` also gets the keys (mode 600)."""
     workdir.mkdir(parents=True, exist_ok=True)
     own = sandbox is None
     sb = sandbox or Sandbox(config).start()
     try:
         registry = workdir / "clients.yaml"
-        write_pipeline_files(sb.config, sb.base_url, registry, None)
+        write_pipeline_files(sb.config, sb.base_url, registry, env_file)
         data_dir = workdir / "data"
         env = {
             **key_environment(sb.config),

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,14 +192,19 @@ class Sandbox:
         self.state.stats.reset()
 
 
-def serve_forever(config: SandboxConfig) -> None:
-    """Foreground server for the CLI and docker-compose; Ctrl-C stops it."""
+def serve_forever(config: SandboxConfig, on_listening: Callable[[], None] | None = None) -> None:
+    """Foreground server for the CLI and docker-compose; Ctrl-C stops it.
+
+    `on_listening` is called once the port accepts connections (generating the members comes
+    first and takes seconds), so an announcement made there is true when a user reads it.
+    """
     state = SandboxState(config)
     web.run_app(
         build_app(state),
         host=config.host,
         port=config.port or 8080,
         access_log=None,
-        print=None,
+        # aiohttp calls `print` once every site listens: the moment to announce.
+        print=(lambda _banner: on_listening()) if on_listening else None,
         handler_cancellation=True,
     )

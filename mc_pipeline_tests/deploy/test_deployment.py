@@ -1,6 +1,6 @@
 """The docker compose deployment, checked without Docker: the YAML files load and agree with each other.
 
-docker-compose.yml, dagster.yaml, workspace.yaml, the Dockerfile and deploy/ must name the same
+docker-compose.yml, deploy/dagster.yaml, workspace.yaml, the Dockerfile and deploy/ must name the same
 services, ports, paths, variables, clients, lists and keys; dagster.yaml must pass Dagster's own
 validation and give a working instance on PostgreSQL; the definitions must load.
 """
@@ -140,7 +140,7 @@ def env_refs(node: Any) -> set[str]:
 
 
 def dagster_yaml() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "dagster.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load((DEPLOY / "dagster.yaml").read_text(encoding="utf-8"))
 
 
 def dockerfile_lines() -> list[str]:
@@ -328,7 +328,7 @@ def test_workspace_points_at_the_user_code_service():
 def dagster_home(tmp_path: Path) -> Path:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(DEPLOY / "dagster.yaml", home / "dagster.yaml")
     return home
 
 
@@ -519,13 +519,13 @@ def test_dockerfile_installs_the_project_and_sets_dagster_home():
     lines = dockerfile_lines()
     assert lines[0] == "FROM python:3.11-slim"
     copies = " ".join(ln for ln in lines if ln.startswith("COPY "))
-    for needed in ("pyproject.toml", "README.md", "mc_pipeline/", "dagster.yaml", "workspace.yaml"):
+    for needed in ("pyproject.toml", "README.md", "mc_pipeline/", "deploy/dagster.yaml", "workspace.yaml"):
         assert needed in copies
     assert any(re.search(r"\bpip install \.(\s|$)", ln) for ln in lines)
     env = dockerfile_env()
     home = env["DAGSTER_HOME"]
     assert home == "/opt/dagster/dagster_home"
-    assert any(ln.startswith("COPY ") and "dagster.yaml workspace.yaml" in ln and home in ln for ln in lines)
+    assert any(ln.startswith("COPY ") and "deploy/dagster.yaml workspace.yaml" in ln and home in ln for ln in lines)
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     exposed = {p for ln in lines if ln.startswith("EXPOSE ") for p in ln.split()[1:]}
@@ -563,7 +563,7 @@ def test_dockerignore_keeps_out_the_venv_tests_caches_and_data_but_not_what_the_
     ]
     for path in (".venv", "mc_pipeline_tests", ".pytest_cache", ".ruff_cache", ".dagster_home", ".mc_pipeline_data"):
         assert _ignored(patterns, path), path
-    for path in ("pyproject.toml", "README.md", "mc_pipeline/definitions.py", "dagster.yaml", "workspace.yaml"):
+    for path in ("pyproject.toml", "README.md", "mc_pipeline/definitions.py", "deploy/dagster.yaml", "workspace.yaml"):
         assert not _ignored(patterns, path), path
 
 
