@@ -14,23 +14,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from dagster import AssetMaterialization, AssetObservation, DagsterInstance, RunRequest, build_schedule_context
+from dagster import AssetObservation, DagsterInstance, RunRequest, build_schedule_context
 
-from mc_pipeline.assets.models import Destination, RunFiles, Window
+from mc_pipeline.assets.models import Destination
 from mc_pipeline.assets.watermarks import (
     CONTACTS_KEY,
     VERIFIED_AT,
     destination_of,
     latest_events,
     latest_watermarks,
+    record_import,
     verification_metadata,
-    watermark_metadata,
 )
 from mc_pipeline.automation.checks import dead_letter_state, last_imports
 from mc_pipeline.automation.probes import Cadence
 from mc_pipeline.automation.schedules import hourly_incremental_sync
-from mc_pipeline.definitions import defs
 from mc_pipeline.dead_letters import OUTSTANDING
+from mc_pipeline.definitions import defs
 from mc_pipeline.jobs import SYNC_JOB
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
@@ -79,23 +79,6 @@ def test_near_real_time_cadence_verifies_every_list_every_five_minutes() -> None
 DEST_A = Destination(base_url="https://api.ometria.com", account="a", collection="mailchimp-1", key="k1")
 DEST_B = DEST_A.model_copy(update={"collection": "other-1"})
 W0 = datetime(2026, 11, 23, 13, 0, tzinfo=UTC)
-
-
-def record_import(instance: DagsterInstance, partition: str, watermark: datetime, destination: Destination) -> None:
-    """What a successful import records on ometria/contacts (watermark_metadata), without the run."""
-    client_id, list_id = parse_partition_key(partition)
-    run = RunFiles(
-        partition=partition,
-        client_id=client_id,
-        list_id=list_id,
-        run_id="initial",
-        folder="/nonexistent",
-        window=Window(since=None, before=watermark, full_refresh=True, archived_before=watermark),
-        destination=destination,
-    )
-    instance.report_runless_asset_event(
-        AssetMaterialization(asset_key=CONTACTS_KEY, partition=partition, metadata=watermark_metadata(run))
-    )
 
 
 def record_verification(instance: DagsterInstance, partition: str, watermark: datetime, dest: Destination) -> None:
