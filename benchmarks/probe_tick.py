@@ -117,6 +117,7 @@ def main() -> None:
                     ctx = build_schedule_context(instance=instance, scheduled_execution_time=tick, resources=resources)
                     result, report = evaluate_tick(ctx, resources["registry"], resources["mailchimp"], cadence)
                     assert isinstance(result, SkipReason), "every list is unchanged: no run"
+                    print(f"  {tick:%H:%M} {report.summary()}")
                     verified, calls, longest = (
                         verified + len(report.verified),
                         calls + report.calls,
