@@ -200,7 +200,7 @@ class MailchimpClient:
         clock (the Date header) when it answered. The schedule's probe (automation/probes.py)."""
         params: dict[str, Any] = {"count": 1, "fields": "total_items"}
         if since is not None:
-            params["since_last_changed"] = mailchimp_time(since)
+            params["since_last_changed"] = since.isoformat(timespec="seconds")
         if status is not None:
             params["status"] = status
         resp = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=FetchStats())
