@@ -22,7 +22,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 from dagster import DagsterInstance, SkipReason, build_schedule_context
 
 from mc_pipeline.assets.watermarks import destination_of, record_import
@@ -82,7 +82,7 @@ def main() -> None:
             break
         except OSError:
             time.sleep(0.1)
-    import psycopg2
+    import psycopg2  # type: ignore[import-untyped]
 
     db = f"mc_pipeline_bench_{uuid.uuid4().hex[:8]}"
     admin = psycopg2.connect(PG + " dbname=postgres")
@@ -102,7 +102,8 @@ def main() -> None:
                     record_import(instance, key, watermark, destination_of(reg.client(client_id), list_id))
                 time.sleep(2)  # past the recorded watermark on the sandbox's clock (wall time here)
                 cadence = Cadence(every_s=args.every * 60, tick_s=min(5, args.every) * 60)
-                resources = {"registry": ClientRegistryResource(path=str(registry)), "mailchimp": MailchimpResource()}
+                registry_resource, mailchimp = ClientRegistryResource(path=str(registry)), MailchimpResource()
+                resources = {"registry": registry_resource, "mailchimp": mailchimp}
                 hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
                 ticks = [hour + timedelta(seconds=i * cadence.tick_s) for i in range(cadence.every_s // cadence.tick_s)]
                 cpu0, pg0, wall0, verified, calls, longest = (
@@ -115,7 +116,7 @@ def main() -> None:
                 )
                 for tick in ticks:
                     ctx = build_schedule_context(instance=instance, scheduled_execution_time=tick, resources=resources)
-                    result, report = evaluate_tick(ctx, resources["registry"], resources["mailchimp"], cadence)
+                    result, report = evaluate_tick(ctx, registry_resource, mailchimp, cadence)
                     assert isinstance(result, SkipReason), "every list is unchanged: no run"
                     print(f"  {tick:%H:%M} {report.summary()}")
                     verified, calls, longest = (

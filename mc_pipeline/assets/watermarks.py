@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, NamedTuple
 
 from dagster import (
@@ -170,7 +171,7 @@ def latest_events(
                 latest
                 if _verifies(_metadata(latest), destination_id)
                 else latest_observation_after(
-                    instance, partition, imported.storage_id, lambda md, d=destination_id: _verifies(md, d)
+                    instance, partition, imported.storage_id, partial(_verifies, destination_id=destination_id)
                 )
             )
         out[partition] = (imported, verified)

@@ -281,8 +281,8 @@ def evaluate_tick(
     marks = watermarks_of(context.instance, {k: dest for k, (_, _, dest) in candidates.items()})
     probes = []
     for key, (client, list_id, dest) in candidates.items():
-        if marks[key].why_full:
-            request(client, key, marks[key].why_full)
+        if why := marks[key].why_full:
+            request(client, key, why)
         else:
             probes.append(_Probe(key, client, list_id, dest, marks[key]))
 
@@ -301,8 +301,8 @@ def evaluate_tick(
             if future not in done:
                 future.cancel()
                 request(p.client, p.key, f"its probe did not answer within the tick's {budget_s:.0f}s budget")
-            elif (exc := future.exception()) is not None:
-                request(p.client, p.key, f"its probe failed: {exc}")
+            elif (error := future.exception()) is not None:
+                request(p.client, p.key, f"its probe failed: {error}")
             else:
                 outcome, calls = future.result()
                 report.calls += calls
@@ -315,8 +315,8 @@ def evaluate_tick(
         with ThreadPoolExecutor(RECORD_THREADS, thread_name_prefix="mc-verified") as writers:
             writes = [(v[0], writers.submit(_record, context.instance, *v)) for v in verified]
         for p, write in writes:
-            if (exc := write.exception()) is not None:
-                request(p.client, p.key, f"its verification could not be recorded: {exc}")
+            if (error := write.exception()) is not None:
+                request(p.client, p.key, f"its verification could not be recorded: {error}")
             else:
                 report.verified.append(p.key)
         report.recording_s = time.monotonic() - recording
