@@ -75,7 +75,7 @@ class Cadence:
     """How often each list is verified or synced (`every_s`), and how often the schedule ticks (`tick_s`).
 
     `MC_PIPELINE_VERIFY_EVERY_MIN` (default 60; a divisor of 60, e.g. 5 for near-real-time) and
-    `MC_PIPELINE_PROBE_TICK_MIN` (default 5, or the former if smaller; a divisor of it). A cron
+    `MC_PIPELINE_PROBE_TICK_MIN` (default a twelfth of it, at least 1; a divisor of it). A cron
     in `MC_PIPELINE_INCREMENTAL_CRON` (demos, benchmarks) replaces both: every tick takes every list.
     """
 
@@ -93,7 +93,7 @@ class Cadence:
     @classmethod
     def from_env(cls) -> Cadence:
         every = _env_int("MC_PIPELINE_VERIFY_EVERY_MIN", 60)
-        tick = _env_int("MC_PIPELINE_PROBE_TICK_MIN", min(5, every))
+        tick = _env_int("MC_PIPELINE_PROBE_TICK_MIN", max(1, every // 12))  # 12 slices of each cycle
         return cls(every * 60, tick * 60, os.environ.get("MC_PIPELINE_INCREMENTAL_CRON") or None)
 
     @property

@@ -32,7 +32,7 @@ from mc_pipeline.automation.schedules import hourly_incremental_sync
 from mc_pipeline.dead_letters import OUTSTANDING
 from mc_pipeline.definitions import defs
 from mc_pipeline.jobs import SYNC_JOB
-from mc_pipeline.local import LocalEnvironment, sandbox_environment
+from mc_pipeline.local import LocalEnvironment, patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import YamlClientRegistry, parse_partition_key
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
@@ -71,6 +71,8 @@ def test_near_real_time_cadence_verifies_every_list_every_five_minutes() -> None
         Cadence(every_s=7 * 60, tick_s=60)
     with pytest.raises(ValueError, match="must divide"):
         Cadence(every_s=600, tick_s=240)
+    with patched_environ({"MC_PIPELINE_VERIFY_EVERY_MIN": "5", "MC_PIPELINE_PROBE_TICK_MIN": ""}):
+        assert Cadence.from_env() == cadence  # the setting: every 5 minutes, ticking each minute
     override = Cadence(cron_override="* * * * *")  # demos and benchmarks: every tick takes every list
     assert override.cron == "* * * * *" and override.slot_in_tick("client-1:0123456789", HOUR) == HOUR
 
