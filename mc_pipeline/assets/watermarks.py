@@ -5,14 +5,30 @@ the destination the contacts went to (Ometria base URL, account, collection, a f
 the key). A watermark says "everything changed before this is in that destination": for any
 other destination it says nothing, so a changed collection prefix, account, key or URL starts
 with a full sync instead of leaving the new collection empty behind green runs.
+
+A list that did not change is not run: the schedule's probe (automation/probes.py) records an
+observation of `ometria/contacts` with the same keys and `verified_at`, and the next window
+starts from the newest of the import and the verifications after it (README, "Change-aware").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, NamedTuple
 
-from dagster import AssetExecutionContext, AssetKey, AssetRecordsFilter, DagsterInstance, Failure, MetadataValue
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    EventLogRecord,
+    Failure,
+    MetadataValue,
+)
 
 from mc_pipeline.assets.models import Destination, RunFiles, Window
 from mc_pipeline.registry import Client, RegistryError, SecretError, YamlClientRegistry
@@ -26,6 +42,7 @@ WATERMARK = "watermark"
 ARCHIVED_WATERMARK = "archived_watermark"
 DESTINATION = "destination"  # JSON: base_url, account, collection, key (fingerprint)
 DESTINATION_ID = "destination_id"
+VERIFIED_AT = "verified_at"  # on an observation: a probe found the window since the watermark empty
 
 
 class Watermarks(NamedTuple):
@@ -103,28 +120,151 @@ def _timestamp(md: dict[str, Any], name: str) -> datetime | None:
 
 def latest_watermarks(instance: DagsterInstance, partition: str, destination: Destination | None = None) -> Watermarks:
     """The bounds of this partition's latest successful import, if it went to `destination`
-    (any destination when None). Only the latest counts: after a move away and back, the old
-    destination missed what changed meanwhile, so it starts over too."""
-    result = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=CONTACTS_KEY, asset_partitions=[partition]), limit=1
-    )
-    for record in result.records:
-        md = dict(record.asset_materialization.metadata) if record.asset_materialization else {}
+    (any destination when None), or of a later verification of the same destination (a probe
+    found nothing changed since: automation/probes.py). Only the latest import counts: after a
+    move away and back, the old destination missed what changed meanwhile, so it starts over too."""
+    return watermarks_of(instance, {partition: destination})[partition]
+
+
+def watermarks_of(instance: DagsterInstance, partitions: Mapping[str, Destination | None]) -> dict[str, Watermarks]:
+    """`latest_watermarks` of many partitions in a few queries (a schedule tick reads hundreds)."""
+    events = latest_events(instance, set(partitions))
+    out: dict[str, Watermarks] = {}
+    for partition, destination in partitions.items():
+        if partition not in events:
+            out[partition] = Watermarks(None, None, "never imported")
+            continue
+        imported, verified = events[partition]
+        md = _metadata(imported)
         if destination is not None:
             recorded = md.get(DESTINATION_ID)
             if recorded is None:
-                return Watermarks(None, None, "the last import recorded no destination (it predates destinations)")
+                out[partition] = Watermarks(
+                    None, None, "the last import recorded no destination (it predates destinations)"
+                )
+                continue
             if recorded.value != destination.id:
                 was = md.get(DESTINATION)
-                return Watermarks(
+                out[partition] = Watermarks(
                     None, None, f"the destination changed since the last import (was {was.value if was else '?'})"
                 )
-        return Watermarks(_timestamp(md, WATERMARK), _timestamp(md, ARCHIVED_WATERMARK), None)
-    return Watermarks(None, None, "never imported")
+                continue
+        md = _metadata(verified) if verified is not None else md
+        out[partition] = Watermarks(_timestamp(md, WATERMARK), _timestamp(md, ARCHIVED_WATERMARK), None)
+    return out
+
+
+def latest_events(
+    instance: DagsterInstance, partitions: set[str] | None = None
+) -> dict[str, tuple[EventLogRecord, EventLogRecord | None]]:
+    """Per partition (all when None): its latest import, and the latest verification of the same
+    destination recorded after it (None if there is none): a few queries whatever the count."""
+    imports = _latest_records(instance, DagsterEventType.ASSET_MATERIALIZATION, partitions)
+    observed = _latest_records(instance, DagsterEventType.ASSET_OBSERVATION, partitions)
+    out: dict[str, tuple[EventLogRecord, EventLogRecord | None]] = {}
+    for partition, imported in imports.items():
+        destination_id = _value(_metadata(imported), DESTINATION_ID)
+        verified, latest = None, observed.get(partition)
+        if latest is not None and latest.storage_id > imported.storage_id:
+            # The latest observation may be something else (a dead-letter replay): look further back.
+            verified = (
+                latest
+                if _verifies(_metadata(latest), destination_id)
+                else latest_observation_after(
+                    instance, partition, imported.storage_id, partial(_verifies, destination_id=destination_id)
+                )
+            )
+        out[partition] = (imported, verified)
+    return out
+
+
+def _latest_records(
+    instance: DagsterInstance, event_type: DagsterEventType, partitions: set[str] | None
+) -> dict[str, EventLogRecord]:
+    by_partition = instance.get_latest_storage_id_by_partition(
+        CONTACTS_KEY, event_type, partitions if partitions and len(partitions) <= 500 else None
+    )
+    ids = [i for p, i in by_partition.items() if partitions is None or p in partitions]
+    fetch = (
+        instance.fetch_materializations
+        if event_type == DagsterEventType.ASSET_MATERIALIZATION
+        else instance.fetch_observations
+    )
+    out: dict[str, EventLogRecord] = {}
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        for record in fetch(AssetRecordsFilter(asset_key=CONTACTS_KEY, storage_ids=chunk), limit=len(chunk)).records:
+            if record.partition_key is not None:
+                out[record.partition_key] = record
+    return out
+
+
+def latest_observation_after(
+    instance: DagsterInstance, partition: str, after_storage_id: int | None, accept: Callable[[dict[str, Any]], bool]
+) -> EventLogRecord | None:
+    """The newest observation of the partition after `after_storage_id` whose metadata `accept`s."""
+    where = AssetRecordsFilter(asset_key=CONTACTS_KEY, asset_partitions=[partition], after_storage_id=after_storage_id)
+    cursor = None
+    while True:
+        result = instance.fetch_observations(where, limit=100, cursor=cursor)
+        for record in result.records:  # newest first
+            if accept(_metadata(record)):
+                return record
+        if not result.has_more:
+            return None
+        cursor = result.cursor
+
+
+def _metadata(record: EventLogRecord) -> dict[str, Any]:
+    event = record.asset_materialization or record.asset_observation
+    return dict(event.metadata) if event is not None else {}
+
+
+def _value(md: dict[str, Any], name: str) -> Any:
+    return md[name].value if name in md else None
+
+
+def _verifies(md: dict[str, Any], destination_id: str | None) -> bool:
+    return VERIFIED_AT in md and _value(md, DESTINATION_ID) == destination_id
+
+
+def verification_metadata(
+    destination: Destination, verified_at: datetime, watermark: datetime, archived_watermark: datetime | None
+) -> dict[str, Any]:
+    """What a probe records on `ometria/contacts` when the window since the watermark is empty:
+    the new watermarks (Mailchimp's clock) for the destination they hold for."""
+    md: dict[str, Any] = {
+        VERIFIED_AT: MetadataValue.timestamp(verified_at),
+        WATERMARK: MetadataValue.timestamp(watermark),
+        DESTINATION: MetadataValue.json(destination.model_dump()),
+        DESTINATION_ID: MetadataValue.text(destination.id),
+    }
+    if archived_watermark is not None:
+        md[ARCHIVED_WATERMARK] = MetadataValue.timestamp(archived_watermark)
+    return md
 
 
 def latest_watermark(instance: DagsterInstance, partition: str) -> datetime | None:
     return latest_watermarks(instance, partition).since
+
+
+def record_import(instance: DagsterInstance, partition: str, watermark: datetime, destination: Destination) -> None:
+    """What a successful full import records, without the run: a synced state for benchmarks and
+    tests whose subject is the hour after (10,000 initial syncs would take hours on 2 cores)."""
+    client_id, list_id = partition.split(":", 1)
+    window = Window(since=None, before=watermark, full_refresh=True, archived_before=watermark)
+    run = RunFiles(
+        partition=partition,
+        client_id=client_id,
+        list_id=list_id,
+        run_id="recorded",
+        folder="",
+        window=window,
+        destination=destination,
+    )
+    instance.report_runless_asset_event(
+        AssetMaterialization(asset_key=CONTACTS_KEY, partition=partition, metadata=watermark_metadata(run))
+    )
 
 
 def watermark_metadata(run: RunFiles) -> dict[str, Any]:

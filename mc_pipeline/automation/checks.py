@@ -11,7 +11,6 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetRecordsFilter,
-    DagsterEventType,
     DagsterInstance,
     MetadataValue,
     asset_check,
@@ -19,6 +18,7 @@ from dagster import (
 from dagster._utils.warnings import PreviewWarning
 
 from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+from mc_pipeline.assets.watermarks import latest_events, latest_observation_after
 from mc_pipeline.dead_letters import CHECK_NAME, OUTSTANDING
 from mc_pipeline.partitions import MAILCHIMP_LISTS, mailchimp_lists
 
@@ -26,20 +26,11 @@ STALE_AFTER_S = 2 * 3600
 
 
 def last_imports(instance: DagsterInstance) -> dict[str, float]:
-    """Each partition's last successful import time, in two queries whatever the number of lists."""
-    latest = instance.get_latest_storage_id_by_partition(CONTACTS_KEY, DagsterEventType.ASSET_MATERIALIZATION)
-    if not latest:
-        return {}
-    ids = list(latest.values())
+    """Each partition's last successful import or later verification (a probe found nothing to
+    import: automation/probes.py), in a few queries whatever the number of lists."""
     out: dict[str, float] = {}
-    for start in range(0, len(ids), 1000):
-        chunk = ids[start : start + 1000]
-        result = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=CONTACTS_KEY, storage_ids=chunk), limit=len(chunk)
-        )
-        for record in result.records:
-            if record.partition_key is not None:
-                out[record.partition_key] = record.timestamp
+    for partition, (imported, verified) in latest_events(instance).items():
+        out[partition] = max(imported.timestamp, verified.timestamp if verified else 0.0)
     return out
 
 
@@ -58,20 +49,20 @@ def stale_partitions(instance: DagsterInstance, now: float, stale_after_s: float
     asset=CONTACTS_KEY,
     name="synced_within_two_hours",
     blocking=False,
-    description="Fails, naming them, when any client list's last successful import is over two hours old.",
+    description="Fails, naming them, when any client list was neither imported nor verified unchanged in two hours.",
 )
 def contacts_freshness(context: AssetCheckExecutionContext) -> AssetCheckResult:
     now = time.time()
     stale = stale_partitions(context.instance, now)
     total = len(context.instance.get_dynamic_partitions(MAILCHIMP_LISTS))
-    lines = ["| partition | last import (UTC) | hours ago |", "|---|---|---|"]
+    lines = ["| partition | last import or verification (UTC) | hours ago |", "|---|---|---|"]
     for key, ts, hours in stale[:200]:
         when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M") if ts else "never"
         lines.append(f"| {key} | {when} | {'' if hours is None else f'{hours:.1f}'} |")
     return AssetCheckResult(
         passed=not stale,
         severity=AssetCheckSeverity.WARN,
-        description=f"{len(stale)} of {total} lists not imported in the last 2 hours" if stale else None,
+        description=f"{len(stale)} of {total} lists neither imported nor verified in 2 hours" if stale else None,
         metadata={
             "lists": total,
             "stale_lists": len(stale),
@@ -83,19 +74,18 @@ def contacts_freshness(context: AssetCheckExecutionContext) -> AssetCheckResult:
 
 def dead_letter_state(instance: DagsterInstance, partition: str) -> dict[str, Any] | None:
     """The list's outstanding dead letters as last recorded: by its latest import, or by a later
-    replay (an observation of `ometria/contacts`), whichever is newer."""
+    replay (an observation of `ometria/contacts`), whichever is newer. Observations after the
+    import are paged through: hourly verifications (automation/probes.py) are observations too."""
     where = AssetRecordsFilter(asset_key=CONTACTS_KEY, asset_partitions=[partition])
-    found: list[tuple[int, dict[str, Any]]] = []
+    state: dict[str, Any] | None = None
+    imported_id = None
     for record in instance.fetch_materializations(where, limit=1).records:
         md = record.asset_materialization.metadata if record.asset_materialization else {}
-        found.append((record.storage_id, {k: v.value for k, v in md.items()}))
-    for record in instance.fetch_observations(where, limit=20).records:
-        md = record.asset_observation.metadata if record.asset_observation else {}
-        if OUTSTANDING in md:
-            found.append((record.storage_id, {k: v.value for k, v in md.items()}))
-            break
-    newest = max(found, key=lambda f: f[0], default=None)
-    return newest[1] if newest and OUTSTANDING in newest[1] else None
+        state, imported_id = {k: v.value for k, v in md.items()}, record.storage_id
+    replay = latest_observation_after(instance, partition, imported_id, lambda md: OUTSTANDING in md)
+    if replay is not None and replay.asset_observation is not None:
+        return {k: v.value for k, v in replay.asset_observation.metadata.items()}
+    return state if state and OUTSTANDING in state else None
 
 
 with warnings.catch_warnings():

@@ -1,20 +1,18 @@
-"""Schedules: hourly incremental syncs of every partition, a weekly full refresh, freshness checks.
+"""Schedules: change-aware incremental syncs spread over the hour, a weekly full refresh, freshness checks.
 
-One `RunRequest` per partition with a `run_key` per partition and period, so a tick evaluated
-twice launches nothing twice; a partition whose previous sync is still queued or running is
-skipped rather than stacked behind itself.
+`hourly_incremental_sync` ticks every few minutes and takes the lists whose slot falls in the tick
+(automation/probes.py): a probe per list, a run only for those that changed. The weekly refresh
+requests a run per partition. Run keys are per partition and period, so a tick evaluated twice
+launches nothing twice; a partition whose previous sync is still queued or running is skipped
+rather than stacked behind itself.
 """
 
-import os
 from datetime import datetime
 
 from dagster import (
     AssetSelection,
-    DagsterInstance,
-    DagsterRunStatus,
     DefaultScheduleStatus,
     RunRequest,
-    RunsFilter,
     ScheduleEvaluationContext,
     SkipReason,
     define_asset_job,
@@ -22,57 +20,35 @@ from dagster import (
 )
 
 from mc_pipeline.automation.checks import contacts_freshness
-from mc_pipeline.jobs import sync_job, sync_run_config
+from mc_pipeline.automation.probes import Cadence, evaluate_tick, in_progress, sync_request
+from mc_pipeline.jobs import sync_job
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key
-from mc_pipeline.resources import ClientRegistryResource
-from mc_pipeline.tags import run_tags
+from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 
-# Overridable so a demo or a test can watch the daemon tick within a minute; production keeps hourly.
-INCREMENTAL_CRON = os.environ.get("MC_PIPELINE_INCREMENTAL_CRON", "0 * * * *")
-
-IN_PROGRESS = [
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.STARTED,
-    DagsterRunStatus.CANCELING,
-]
-
-
-def busy_partitions(instance: DagsterInstance) -> set[str]:
-    """Partitions with a run queued or running, whatever job launched it (UI, backfill, schedule)."""
-    records = instance.get_run_records(filters=RunsFilter(statuses=IN_PROGRESS))
-    return {r.dagster_run.tags["dagster/partition"] for r in records if "dagster/partition" in r.dagster_run.tags}
+# From the environment of the process that loads the code (README, configuration).
+CADENCE = Cadence.from_env()
 
 
 def sync_requests(
     context: ScheduleEvaluationContext, registry: ClientRegistryResource, kind: str, period: str, full: bool
 ) -> list[RunRequest] | SkipReason:
+    """A run for every partition not already syncing (the weekly full refresh)."""
     try:
         reg = YamlClientRegistry(registry.path)
         clients = {c.id: c for c in reg.clients()}
     except RegistryError as exc:
         return SkipReason(f"the client registry was refused; no sync launched.\n{exc}")
-    busy = busy_partitions(context.instance)
+    busy, _ = in_progress(context.instance)
     requests, skipped_busy, unknown = [], [], []
     for key in context.instance.get_dynamic_partitions(MAILCHIMP_LISTS):
-        client_id, list_id = parse_partition_key(key)
-        client = clients.get(client_id)
+        client = clients.get(parse_partition_key(key)[0])
         if client is None:
             unknown.append(key)  # the sensor removes partitions of clients gone from the registry
-            continue
-        if key in busy:
+        elif key in busy:
             skipped_busy.append(key)
-            continue
-        requests.append(
-            RunRequest(
-                partition_key=key,
-                run_key=f"{kind}:{key}:{period}",
-                run_config=sync_run_config(full_refresh=full),
-                tags=run_tags(client, list_id, kind),
-            )
-        )
+        else:
+            requests.append(sync_request(client, key, kind, period, full))
     if skipped_busy:
         context.log.info(f"{len(skipped_busy)} partitions still syncing, skipped: {skipped_busy[:20]}")
     if unknown:
@@ -86,14 +62,16 @@ def _scheduled(context: ScheduleEvaluationContext) -> datetime:
 
 @schedule(
     name="hourly_incremental_sync",
-    cron_schedule=INCREMENTAL_CRON,
+    cron_schedule=CADENCE.cron,
     job=sync_job,
     execution_timezone="UTC",
     default_status=DefaultScheduleStatus.RUNNING,
-    description="Every hour, an incremental sync of every partition (since its last watermark).",
+    description="Each list once an hour, at its own slot: a probe of Mailchimp; a run only if the list changed.",
 )
-def hourly_incremental_sync(context: ScheduleEvaluationContext, registry: ClientRegistryResource):
-    return sync_requests(context, registry, "incremental", _scheduled(context).strftime("%Y-%m-%dT%H:%M"), full=False)
+def hourly_incremental_sync(
+    context: ScheduleEvaluationContext, registry: ClientRegistryResource, mailchimp: MailchimpResource
+):
+    return evaluate_tick(context, registry, mailchimp, CADENCE)[0]
 
 
 @schedule(

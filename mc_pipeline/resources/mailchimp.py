@@ -194,6 +194,22 @@ class MailchimpClient:
             if not batch or offset >= int(data.get("total_items", 0)):
                 return out
 
+    def changed_since(self, list_id: str, since: datetime | None, status: str | None = None) -> tuple[int, datetime]:
+        """One request, no member: how many members of the window (since, now] there are, and Mailchimp's
+        clock (the Date header) when it answered. The schedule's probe (automation/probes.py)."""
+        params: dict[str, Any] = {"count": 1, "fields": "total_items"}
+        if since is not None:
+            params["since_last_changed"] = since.isoformat(timespec="seconds")
+        if status is not None:
+            params["status"] = status
+        resp = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=FetchStats())
+        total = resp.data.get("total_items") if isinstance(resp.data, dict) else None
+        if not isinstance(total, int) or resp.server_time is None:
+            raise MailchimpUnavailable(
+                "the probe's answer has no total_items or no Date header", client_id=self.client_id, list_id=list_id
+            )
+        return total, resp.server_time
+
     def fetch(
         self,
         list_id: str,

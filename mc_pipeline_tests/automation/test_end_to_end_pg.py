@@ -7,10 +7,17 @@ queue and its per-account limits, are the deployment test's subject.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from dagster import DagsterInstance, RunRequest, SensorResult, build_schedule_context, build_sensor_context
+from dagster import (
+    DagsterInstance,
+    RunRequest,
+    SensorResult,
+    SkipReason,
+    build_schedule_context,
+    build_sensor_context,
+)
 
 from mc_pipeline.assets.mailchimp import CONTACTS_KEY, latest_watermark
 from mc_pipeline.automation.schedules import hourly_incremental_sync
@@ -69,20 +76,21 @@ def test_sensor_and_schedule_sync_three_clients_on_postgres(pg_instance: Dagster
                 changed[f"{c.client_id}:{list_id}"] = 2
         settle(sb)
         sb.reset_stats()
-        schedule_context = build_schedule_context(
-            instance=pg_instance,
-            scheduled_execution_time=datetime.now(UTC),
-            resources={"registry": resources["registry"]},
-        )
-        requests = list(hourly_incremental_sync(schedule_context))
+        hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        requests = []
+        for tick in range(12):  # the hour's ticks: each list is probed at its slot, and changed, requested
+            schedule_context = build_schedule_context(
+                instance=pg_instance, scheduled_execution_time=hour + timedelta(minutes=5 * tick), resources=resources
+            )
+            result = hourly_incremental_sync(schedule_context)
+            requests += [] if isinstance(result, SkipReason) else list(result)
         assert len(requests) == 6 and all(r.tags["mc_pipeline/sync"] == "incremental" for r in requests)
         launch(pg_instance, requests)
         for key in env.partition_keys():
             assert_ometria_matches(sb, key)
         for c in sb.clients():
-            assert (
-                sb.stats(f"mailchimp:{c.client_id}")["requests"] == 4
-            )  # per list: a page of changes, an archived probe
+            # per list: the schedule's probe, then the run's page of changes and its archived probe
+            assert sb.stats(f"mailchimp:{c.client_id}")["requests"] == 6
             assert sb.stats(f"ometria:{c.client_id}")["requests"] == 2  # one push per list
 
         # The runs and their materializations live in PostgreSQL.

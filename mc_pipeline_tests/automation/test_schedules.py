@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from dagster import DagsterInstance, DagsterRunStatus, SkipReason, build_schedule_context
 from dagster._core.test_utils import create_run_for_test
 
-from mc_pipeline.automation.schedules import hourly_incremental_sync, weekly_full_refresh
+from mc_pipeline.automation.schedules import CADENCE, hourly_incremental_sync, weekly_full_refresh
 from mc_pipeline.definitions import defs
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
-from mc_pipeline.resources import ClientRegistryResource
+from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.tags import CLIENT, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT, SYNC_KIND
 from mc_pipeline_tests.helpers import sync
 
@@ -22,26 +22,38 @@ def evaluate(schedule, instance: DagsterInstance, env: LocalEnvironment, when: d
     context = build_schedule_context(
         instance=instance,
         scheduled_execution_time=when,
-        resources={"registry": ClientRegistryResource(path=str(env.registry))},
+        resources={"registry": ClientRegistryResource(path=str(env.registry)), "mailchimp": MailchimpResource()},
     )
-    return list(schedule(context)) if not isinstance(result := schedule(context), SkipReason) else result
+    result = schedule(context)
+    return result if isinstance(result, SkipReason) else list(result)
 
 
-def test_hourly_requests_one_incremental_run_per_partition(
+def evaluate_hour(instance: DagsterInstance, env: LocalEnvironment, hour: datetime = WHEN) -> list:
+    """The twelve five-minute ticks of one hour: each list is due in exactly one of them."""
+    out = []
+    for i in range(12):
+        result = evaluate(hourly_incremental_sync, instance, env, hour + timedelta(minutes=5 * i))
+        out += [] if isinstance(result, SkipReason) else result
+    return out
+
+
+def test_the_hour_requests_one_incremental_run_per_list_never_imported(
     small_env: LocalEnvironment, instance: DagsterInstance
 ) -> None:
+    """No watermark to probe from: a run each, at the list's own slot in the hour, once."""
     keys = small_env.partition_keys()
     instance.add_dynamic_partitions(MAILCHIMP_LISTS, keys)
-    requests = evaluate(hourly_incremental_sync, instance, small_env)
+    requests = evaluate_hour(instance, small_env)
     assert sorted(r.partition_key for r in requests) == sorted(keys)
     for r in requests:
-        assert r.run_key == f"incremental:{r.partition_key}:2026-11-23T14:00"
+        slot = WHEN + timedelta(seconds=CADENCE.slot(r.partition_key))  # its own instant in the hour
+        assert r.run_key == f"incremental:{r.partition_key}:{slot:%Y-%m-%dT%H:%M:%S}"
         assert r.run_config["ops"]["mailchimp__member_pages"]["config"]["full_refresh"] is False
         assert r.tags[CLIENT] == "client-1" and r.tags[SYNC_KIND] == "incremental"
         assert r.tags[MAILCHIMP_ACCOUNT] == "client-1" and r.tags[OMETRIA_ACCOUNT] == "client-1"
-    twice = evaluate(hourly_incremental_sync, instance, small_env)
+    twice = evaluate_hour(instance, small_env)
     assert [r.run_key for r in twice] == [r.run_key for r in requests]  # the daemon launches a run key once
-    next_hour = evaluate(hourly_incremental_sync, instance, small_env, WHEN.replace(hour=15))
+    next_hour = evaluate_hour(instance, small_env, WHEN.replace(hour=15))
     assert {r.run_key for r in next_hour}.isdisjoint({r.run_key for r in requests})
 
 
@@ -52,9 +64,9 @@ def test_a_partition_still_syncing_is_skipped(small_env: LocalEnvironment, insta
         run = create_run_for_test(
             instance, job_name="mailchimp_to_ometria_sync", status=status, tags={"dagster/partition": busy}
         )
-        assert [r.partition_key for r in evaluate(hourly_incremental_sync, instance, small_env)] == [idle]
+        assert [r.partition_key for r in evaluate_hour(instance, small_env)] == [idle]
         instance.report_run_failed(run)
-    assert len(evaluate(hourly_incremental_sync, instance, small_env)) == 2
+    assert len(evaluate_hour(instance, small_env)) == 2
 
 
 def test_weekly_full_refresh(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
@@ -68,6 +80,7 @@ def test_weekly_full_refresh(small_env: LocalEnvironment, instance: DagsterInsta
 
 def test_no_partitions_no_runs(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
     assert isinstance(evaluate(hourly_incremental_sync, instance, small_env), SkipReason)
+    assert evaluate_hour(instance, small_env) == []
 
 
 def test_freshness_check_names_the_stale_lists(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
