@@ -64,9 +64,11 @@ The docs give no length limit for names, phone or properties: none is checked.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -268,13 +270,30 @@ def push_body(batch: pa.RecordBatch | pa.Table) -> bytes:
     return orjson.dumps(record_dicts(batch))
 
 
+def _encode(record: dict[str, Any]) -> bytes:
+    """One record as a push sends it: the one serialization both the push and its hash use."""
+    return orjson.dumps(record)
+
+
+def record_hashes(records: list[dict[str, Any]]) -> np.ndarray:
+    """A 64-bit hash (uint64, never 0: 0 is "no hash known") of each record's exact bytes as sent.
+
+    Everything Ometria stores is in those bytes (`timestamp_*`, `@force_optin`, `properties`), so two
+    records hash alike only when a push of the second would change nothing Ometria holds. BLAKE2b
+    is stable across processes and versions (Python's `hash` is salted per process)."""
+    digests = b"".join(hashlib.blake2b(_encode(r), digest_size=8).digest() for r in records)
+    hashes = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    hashes[hashes == 0] = 1
+    return hashes
+
+
 def encode_records(records: list[dict[str, Any]]) -> tuple[list[tuple[int, bytes]], list[tuple[int, str]]]:
     """(position, the exact bytes a push sends) of each record within Ometria's per-record limit
     (`b"[" + b",".join(...) + b"]"` is the body orjson would write), and (position, reason) of the rest."""
     encoded: list[tuple[int, bytes]] = []
     too_large: list[tuple[int, str]] = []
     for i, record in enumerate(records):
-        raw = orjson.dumps(record)
+        raw = _encode(record)
         if len(raw) > MAX_RECORD_BYTES:
             too_large.append((i, f"record over Ometria's 60 KB limit ({len(raw):,} bytes as sent)"))
         else:
