@@ -85,7 +85,8 @@ def reconcile(pages: dict[str, Any], members: dict[str, Any], contacts: dict[str
     skipped = contacts.get("unchanged_skipped", 0)
     if records != skipped + contacts["accepted"] + rejected:
         problems["import"] = (
-            f"{records} contacts but {skipped} unchanged skipped + {contacts['accepted']} accepted + {rejected} rejected"
+            f"{records} contacts but {skipped} unchanged skipped + {contacts['accepted']} accepted + "
+            f"{rejected} rejected"
         )
     return problems
 
