@@ -30,10 +30,10 @@ opt-in" and 360011293458 "How does Ometria subscribe and unsubscribe contacts?")
 own unsubscribe links and preference centre, other importers) and only another forced listing
 overrides it; Ometria advises against forcing a listing you do not fully trust. Mailchimp is a
 third party to Ometria, so opt-ins are not forced by default: a person who unsubscribed through
-Ometria stays unsubscribed when the next push (every member at each full refresh) says
-"subscribed". `ometria: {force_optin: true}` restores forced opt-ins for a client whose
-Mailchimp list is the one authority on consent, at that risk: every push of a subscribed member
-then re-subscribes them, overriding any opt-out they made in Ometria.
+Ometria stays unsubscribed when the next push of their record says "subscribed".
+`ometria: {force_optin: true}` restores forced opt-ins for a client whose Mailchimp list is the
+one authority on consent, at that risk: every push of a subscribed member then re-subscribes them,
+overriding any opt-out they made in Ometria.
 Opt-outs are always forced. Without force Ometria already lets an opt-out win over other
 non-forced opt-ins, but not over a forced opt-in, and a forced listing "only needs to be sent
 once": every subscribed member pushed before this setting existed (and with `force_optin: true`)
@@ -42,6 +42,9 @@ withdraw consent here, the direction that cannot email anyone who said no. The p
 same rule: a member unsubscribed in Mailchimp who opts in again through Ometria's own forms is
 opted out again when their Mailchimp record is next pushed, and a Mailchimp re-subscription
 reaches Ometria only with `force_optin: true`. Tombstones are forced for the same reason.
+A record is pushed only when its bytes differ from those Ometria last accepted (`record_hashes`),
+so an opt-out is forced again only when the member's record changes (or with `push_all`), not at
+every weekly full refresh.
 
 Why these choices: archived members can no longer be emailed from Mailchimp, so they leave
 Ometria as opted out rather than silently stale; pending and transactional members never gave
