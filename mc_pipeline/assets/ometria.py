@@ -39,7 +39,7 @@ from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import KnownContacts, KnownHashes, PipelineStorage, RunFolder
 from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts, tombstones
 
-CHECKPOINT_RECORDS = 10_000  # about 12 s of pushing at 800 records/s; a checkpoint costs about 0.15 s
+CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; a checkpoint stalls the push about 0.2 s
 
 
 @op(out=Out(ContactsFile, io_manager_key="state_io_manager"), tags={"kind": "arrow"})

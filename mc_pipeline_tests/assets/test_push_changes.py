@@ -17,6 +17,7 @@ from mc_pipeline.sandbox import SandboxConfig
 from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import PipelineStorage
 from mc_pipeline_tests.faults.test_crash import crash_env, kill_when, start_materialize
+from mc_pipeline_tests.faults.test_rejections import _list, _pattern
 from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, sync
 
 __all__ = ["crash_env"]  # the fixture, shared with the crash tests
@@ -90,8 +91,7 @@ def test_only_differences_and_tombstones_are_pushed(small_env: LocalEnvironment,
     """Every byte Ometria stores counts: an opted-out member's bump moves `timestamp_unsubscribed`, so
     it is pushed; a deleted member costs one tombstone; a member re-added after that is pushed again."""
     sb = small_env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
-    partition = f"client-1:{list_id}"
+    list_id, partition = _list(small_env, 0)
     _contacts(instance, partition)
     members = sb.mailchimp_list(list_id).members(include_archived=False)
     subscribed = [m for m in members if m["status"] == "subscribed"]
@@ -123,11 +123,9 @@ def test_records_refused_after_the_answer_get_no_hash_and_are_pushed_again(
 ) -> None:
     """Ometria's answer counted them accepted; its errors show they failed later: never held."""
     sb = small_env.sandbox
-    list_id = sb.client("client-1").list_ids[0]
-    partition = f"client-1:{list_id}"
-    victims = sb.mailchimp_list(list_id).members(include_archived=False)[:3]
-    sb.state.config.ometria.late_reject_email_pattern = "|".join(
-        "^" + m["email_address"].replace(".", "[.]").replace("+", "[+]") + "$" for m in victims
+    list_id, partition = _list(small_env, 0)
+    sb.state.config.ometria.late_reject_email_pattern = _pattern(
+        sb.mailchimp_list(list_id).members(include_archived=False)[:3]
     )
     first = _contacts(instance, partition)
     assert first["failed_after_answer"] == 3 and first["accepted"] == first["records"] - 3
