@@ -249,7 +249,7 @@ def task_import(args: dict[str, Any]) -> dict[str, Any]:
     with build_op_context(resources=resources, partition_key=partition) as context:
         started_epoch = barrier(args)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        output = import_to_ometria(context, contacts)
+        output = import_to_ometria(context, contacts=contacts)  # by name: the op takes its config first
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     md = {k: getattr(v, "value", v) for k, v in output.metadata.items()}
     return {

@@ -20,8 +20,9 @@ SYNC_JOB = "mailchimp_to_ometria_sync"
 PAGES_OP = "__".join(PAGES_KEY.path)  # the op name Dagster gives the asset mailchimp/member_pages
 
 
-def sync_run_config(full_refresh: bool = False) -> dict[str, Any]:
-    return {"ops": {PAGES_OP: {"config": {"full_refresh": full_refresh}}}}
+def sync_run_config(full_refresh: bool = False, push_all: bool = False) -> dict[str, Any]:
+    config: dict[str, Any] = {"full_refresh": full_refresh, **({"push_all": True} if push_all else {})}
+    return {"ops": {PAGES_OP: {"config": config}}}
 
 
 def partition_tags(partition_key: str) -> dict[str, str]:

@@ -139,14 +139,20 @@ class PipelineStorage(ConfigurableResource):
 
 
 KNOWN_SCHEMA = pa.schema(
-    [pa.field("id", pa.string()), pa.field("email", pa.string()), pa.field("seen", pa.timestamp("s", tz="UTC"))]
+    [
+        pa.field("id", pa.string()),
+        pa.field("email", pa.string()),
+        pa.field("seen", pa.timestamp("s", tz="UTC")),
+        pa.field("hash", pa.uint64()),  # of the record Ometria last accepted (transform.record_hashes); null: unknown
+    ]
 )
 _NEVER = np.iinfo(np.int64).min  # a row without `seen` (written before it existed): as old as can be
 
 
 class KnownContacts:
     """The contact ids this pipeline has pushed for one partition and destination (with their
-    last email, and `seen`: the upper bound of the window of the run that pushed them).
+    last email, `seen`: the upper bound of the window of the run that pushed or confirmed them, and
+    `hash`: of the record Ometria last accepted, so an unchanged record is not pushed again).
 
     Mailchimp forgets a member deleted outright; only this record tells a full refresh which
     contacts Ometria still holds for the list. Each import appends a delta file; a full refresh
@@ -167,19 +173,26 @@ class KnownContacts:
         return deltas + ([base] if base.exists() else [])
 
     def add(
-        self, run_id: str, contacts: pa.Table | Path, exclude: set[str] | None = None, seen: datetime | None = None
+        self,
+        run_id: str,
+        contacts: pa.Table | Path,
+        exclude: set[str] | None = None,
+        seen: datetime | None = None,
+        part: int | None = None,
     ) -> None:
-        """Record the contacts of a Parquet file (streamed) or a table, but the ids in `exclude`,
-        as seen at `seen` (default: now)."""
+        """Record the contacts of a Parquet file (streamed) or a table (with their `hash` when it has
+        one), but the ids in `exclude`, as seen at `seen` (default: now). `part` numbers the files
+        of a run that records what Ometria accepted as it goes (one per checkpoint)."""
         if not RUN_ID_RE.fullmatch(run_id):
             raise ValueError("unsafe run id")
         self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / f"delta-{run_id}.parquet"
-        tmp = self.folder / f".delta-{run_id}.tmp"
+        name = run_id if part is None else f"{run_id}-{part:05d}"
+        target = self.folder / f"delta-{name}.parquet"
+        tmp = self.folder / f".delta-{name}.tmp"
         batches = (
             pq.ParquetFile(contacts).iter_batches(batch_size=50_000, columns=["id", "email"])
             if isinstance(contacts, Path)
-            else contacts.select(["id", "email"]).to_batches()
+            else contacts.select([c for c in ("id", "email", "hash") if c in contacts.column_names]).to_batches()
         )
         stamp = pa.scalar(seen or datetime.now(UTC), KNOWN_SCHEMA.field("seen").type)
         drop = pa.array(sorted(exclude or ()), pa.string())
@@ -205,6 +218,16 @@ class KnownContacts:
         table = pa.concat_tables([_known(pq.read_table(f)) for f in files])
         ids = table.column("id")
         return table.take(pc.index_in(pc.unique(ids), value_set=ids))  # each id's first, i.e. newest, row
+
+    def hashes(self, key: Callable[[pa.Array], np.ndarray]) -> KnownHashes:
+        """Each known contact's newest hash, by 64-bit key (`key`), streamed: 16 bytes a contact."""
+        keys_l, hashes_l = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+        for f in self.files():  # newest first
+            for b in _batches(f):
+                keys_l.append(key(b.column("id")))
+                hashes_l.append(np.asarray(pc.fill_null(b.column("hash"), 0).to_numpy(), dtype=np.uint64))
+        keys, first = np.unique(np.concatenate(keys_l), return_index=True)  # the first row of a key is its newest
+        return KnownHashes(keys, np.concatenate(hashes_l)[first])
 
     def reconcile(
         self, listed: np.ndarray, key: Callable[[pa.Array], np.ndarray], judged_until: datetime | None = None
@@ -254,10 +277,26 @@ class KnownContacts:
         return pa.concat_tables(gone) if gone else KNOWN_SCHEMA.empty_table()
 
 
+@dataclass(frozen=True)
+class KnownHashes:
+    """Sorted contact keys and the hash of the record Ometria last accepted for each (0: unknown)."""
+
+    keys: np.ndarray
+    hashes: np.ndarray
+
+    def unchanged(self, keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        """Which of these records Ometria already holds byte for byte: same key, same nonzero hash."""
+        at = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=bool)
+        return (self.keys[at] == keys) & (self.hashes[at] == hashes) & (hashes != 0)
+
+
 def _known(table: pa.Table) -> pa.Table:
-    """A known-contacts table in today's schema; files from before `seen` get it empty."""
-    if "seen" not in table.column_names:
-        table = table.append_column("seen", pa.nulls(table.num_rows, KNOWN_SCHEMA.field("seen").type))
+    """A known-contacts table in today's schema; files from before `seen` or `hash` get them empty."""
+    for name in ("seen", "hash"):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, KNOWN_SCHEMA.field(name).type))
     return table.select(KNOWN_SCHEMA.names).cast(KNOWN_SCHEMA)
 
 

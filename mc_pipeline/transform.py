@@ -30,10 +30,10 @@ opt-in" and 360011293458 "How does Ometria subscribe and unsubscribe contacts?")
 own unsubscribe links and preference centre, other importers) and only another forced listing
 overrides it; Ometria advises against forcing a listing you do not fully trust. Mailchimp is a
 third party to Ometria, so opt-ins are not forced by default: a person who unsubscribed through
-Ometria stays unsubscribed when the next push (every member at each full refresh) says
-"subscribed". `ometria: {force_optin: true}` restores forced opt-ins for a client whose
-Mailchimp list is the one authority on consent, at that risk: every push of a subscribed member
-then re-subscribes them, overriding any opt-out they made in Ometria.
+Ometria stays unsubscribed when the next push of their record says "subscribed".
+`ometria: {force_optin: true}` restores forced opt-ins for a client whose Mailchimp list is the
+one authority on consent, at that risk: every push of a subscribed member then re-subscribes them,
+overriding any opt-out they made in Ometria.
 Opt-outs are always forced. Without force Ometria already lets an opt-out win over other
 non-forced opt-ins, but not over a forced opt-in, and a forced listing "only needs to be sent
 once": every subscribed member pushed before this setting existed (and with `force_optin: true`)
@@ -42,6 +42,9 @@ withdraw consent here, the direction that cannot email anyone who said no. The p
 same rule: a member unsubscribed in Mailchimp who opts in again through Ometria's own forms is
 opted out again when their Mailchimp record is next pushed, and a Mailchimp re-subscription
 reaches Ometria only with `force_optin: true`. Tombstones are forced for the same reason.
+A record is pushed only when its bytes differ from those Ometria last accepted (`record_hashes`),
+so an opt-out is forced again only when the member's record changes (or with `push_all`), not at
+every weekly full refresh.
 
 Why these choices: archived members can no longer be emailed from Mailchimp, so they leave
 Ometria as opted out rather than silently stale; pending and transactional members never gave
@@ -64,9 +67,11 @@ The docs give no length limit for names, phone or properties: none is checked.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -268,13 +273,30 @@ def push_body(batch: pa.RecordBatch | pa.Table) -> bytes:
     return orjson.dumps(record_dicts(batch))
 
 
+def _encode(record: dict[str, Any]) -> bytes:
+    """One record as a push sends it: the one serialization both the push and its hash use."""
+    return orjson.dumps(record)
+
+
+def record_hashes(records: list[dict[str, Any]]) -> np.ndarray:
+    """A 64-bit hash (uint64, never 0: 0 is "no hash known") of each record's exact bytes as sent.
+
+    Everything Ometria stores is in those bytes (`timestamp_*`, `@force_optin`, `properties`), so two
+    records hash alike only when a push of the second would change nothing Ometria holds. BLAKE2b
+    is stable across processes and versions (Python's `hash` is salted per process)."""
+    digests = b"".join(hashlib.blake2b(_encode(r), digest_size=8).digest() for r in records)
+    hashes = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    hashes[hashes == 0] = 1
+    return hashes
+
+
 def encode_records(records: list[dict[str, Any]]) -> tuple[list[tuple[int, bytes]], list[tuple[int, str]]]:
     """(position, the exact bytes a push sends) of each record within Ometria's per-record limit
     (`b"[" + b",".join(...) + b"]"` is the body orjson would write), and (position, reason) of the rest."""
     encoded: list[tuple[int, bytes]] = []
     too_large: list[tuple[int, str]] = []
     for i, record in enumerate(records):
-        raw = orjson.dumps(record)
+        raw = _encode(record)
         if len(raw) > MAX_RECORD_BYTES:
             too_large.append((i, f"record over Ometria's 60 KB limit ({len(raw):,} bytes as sent)"))
         else:

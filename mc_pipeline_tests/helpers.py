@@ -36,6 +36,7 @@ def sync(
     partition: str,
     *,
     full_refresh: bool = False,
+    push_all: bool = False,
     raise_on_error: bool = True,
     overrides: dict[str, Any] | None = None,
     checks: tuple[Any, ...] = (counts_reconcile,),
@@ -47,7 +48,7 @@ def sync(
         partition_key=partition,
         instance=instance,
         resources={**resources(), **(overrides or {})},
-        run_config=sync_run_config(full_refresh),
+        run_config=sync_run_config(full_refresh, push_all),
         raise_on_error=raise_on_error,
     )
 

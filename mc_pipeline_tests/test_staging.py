@@ -181,3 +181,38 @@ def test_duplicates_across_written_row_groups_are_told_apart_too(
     assert pq.ParquetFile(tmp_path / "m.parquet").metadata.num_row_groups >= 2
     assert summary.rows == 600 == pq.ParquetFile(tmp_path / "m.parquet").metadata.num_rows
     assert summary.overlap_duplicates == 10 and summary.changed_duplicates == 4
+
+
+def test_known_hashes_are_the_newest_per_contact_and_survive_the_fold(tmp_path: Path) -> None:
+    """Item 4 of issue 11: the hash of the record Ometria last accepted, by 64-bit key, vectorised."""
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+
+    from mc_pipeline.storage import KnownContacts
+
+    a, b, c, d = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)
+    known = KnownContacts(tmp_path / "known")
+    assert not known.hashes(id_keys).unchanged(id_keys(pa.array([a])), np.array([7], np.uint64)).any()  # empty store
+    known.add("run0", pa.table({"id": [d], "email": ["d@x.org"]}))  # written before hashes existed: none known
+    time.sleep(0.01)
+    rows = {"id": [a, b], "email": ["a@x.org", "b@x.org"], "hash": pa.array([11, 12], pa.uint64())}
+    known.add("run1", pa.table(rows))
+    time.sleep(0.01)
+    known.add("run2", pa.table({"id": [b, c], "email": ["b@x.org", None], "hash": pa.array([22, 23], pa.uint64())}))
+    held = known.hashes(id_keys)
+    assert held.keys.dtype == held.hashes.dtype == np.uint64 and len(held.keys) == 4  # 16 bytes a contact
+    probe = id_keys(pa.array([a, b, b, c, d, "e" * 32]))
+    assert held.unchanged(probe, np.array([11, 12, 22, 23, 0, 5], np.uint64)).tolist() == [
+        True,  # a: as recorded
+        False,  # b: 12 is its older record; Ometria last accepted 22
+        True,
+        True,
+        False,  # d: no hash known, never taken as unchanged
+        False,  # e: never pushed
+    ]
+    known.reconcile(id_keys(pa.array([a, b, c])), id_keys)  # d is gone; the hashes survive the fold
+    after = known.hashes(id_keys)
+    assert after.unchanged(id_keys(pa.array([a, b, c])), np.array([11, 22, 23], np.uint64)).all()
+    assert len(after.keys) == 3 and known.read().column("hash").to_pylist().count(None) == 0

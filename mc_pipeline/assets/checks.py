@@ -3,7 +3,7 @@
 Every row Mailchimp sent is accounted for, step by step, from the three assets' metadata:
   rows fetched = rows staging read (members staged + overlap duplicates + older versions + dead letters)
   Mailchimp's totals (members + archived) = members staged + staging dead letters   (a static list: exact)
-  members staged = contacts + transform dead letters;  contacts = accepted + rejected
+  members staged = contacts + transform dead letters;  contacts = unchanged skipped + accepted + rejected
 The pages overlap, so rows are not members: a duplicate with the same last_changed is the overlap,
 expected; one with another last_changed is a member that changed during the sync. When a count
 does not add up, the run's files name the members that went missing.
@@ -82,8 +82,12 @@ def reconcile(pages: dict[str, Any], members: dict[str, Any], contacts: dict[str
     transform_dead = dead - staging_dead - rejected
     if staged != records + transform_dead:
         problems["transform"] = f"{staged} members staged but {records} contacts + {transform_dead} dead letters"
-    if records != contacts["accepted"] + rejected:
-        problems["import"] = f"{records} contacts but {contacts['accepted']} accepted + {rejected} rejected"
+    skipped = contacts.get("unchanged_skipped", 0)
+    if records != skipped + contacts["accepted"] + rejected:
+        problems["import"] = (
+            f"{records} contacts but {skipped} unchanged skipped + {contacts['accepted']} accepted + "
+            f"{rejected} rejected"
+        )
     return problems
 
 
@@ -122,7 +126,7 @@ with warnings.catch_warnings():
         blocking=False,
         description="Every row Mailchimp sent is a staged member, an overlap duplicate, an older version or a dead "
         "letter; staged members = Mailchimp's totals (exact on a static list) = contacts + dead letters = accepted "
-        "+ rejected.",
+        "+ rejected + unchanged skipped.",
     )
     def counts_reconcile(context: AssetCheckExecutionContext) -> AssetCheckResult:
         """A count that does not add up is a lost or invented record: the check says which step, and
@@ -164,6 +168,7 @@ with warnings.catch_warnings():
                 "changed_duplicates": members.get("changed_duplicates", 0),
                 "staged": members["dagster/row_count"],
                 "contacts": contacts["records"],
+                "unchanged_skipped": contacts.get("unchanged_skipped", 0),
                 "accepted": contacts["accepted"],
                 "dead_letters": contacts["dead_letters"],
                 "missing_members": MetadataValue.json(missing[:1000]),

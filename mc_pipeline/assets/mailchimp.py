@@ -36,6 +36,10 @@ __all__ = ["CONTACTS_KEY", "latest_watermark", "latest_watermarks"]  # their hom
 
 class SyncConfig(Config):
     full_refresh: bool = Field(default=False, description="ignore the watermark and fetch the whole list")
+    push_all: bool = Field(
+        default=False,
+        description="push every record to Ometria, also those it already holds unchanged (to repair an account)",
+    )
     wait_for_other_runs_s: float = Field(
         default=3600.0,
         ge=0,
@@ -115,6 +119,7 @@ def member_pages(
         folder=str(folder.root),
         window=window,
         destination=destination,
+        push_all=config.push_all,
     )
     context.log.info(fetch_summary(partition, fetched, window))
     return Output(

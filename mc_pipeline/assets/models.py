@@ -54,6 +54,7 @@ class RunFiles(_Model):
     folder: str
     window: Window
     destination: Destination | None = None  # None only in descriptors written before destinations
+    push_all: bool = False  # SyncConfig.push_all: push every record, unchanged ones too
 
 
 class PageSet(_Model):
@@ -89,6 +90,7 @@ class ImportResult(_Model):
     run: RunFiles
     collection: str
     records: int
+    unchanged_skipped: int = 0
     pushed: int
     accepted: int
     rejected: int

@@ -8,6 +8,7 @@ the next run's window starts from, so a failed or partial import never moves it.
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import (
     AssetIn,
+    Config,
     MetadataValue,
     OpExecutionContext,
     Out,
@@ -22,6 +24,7 @@ from dagster import (
     graph_asset,
     op,
 )
+from pydantic import Field
 
 from mc_pipeline.assets.mailchimp import GROUP, MEMBERS_KEY, failure
 from mc_pipeline.assets.metadata import parquet_metadata
@@ -33,8 +36,10 @@ from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
 from mc_pipeline.staging import id_keys
-from mc_pipeline.storage import PipelineStorage, RunFolder
-from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, to_contacts, tombstones
+from mc_pipeline.storage import KnownContacts, KnownHashes, PipelineStorage, RunFolder
+from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts, tombstones
+
+CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; a checkpoint stalls the push about 0.2 s
 
 
 @op(out=Out(ContactsFile, io_manager_key="state_io_manager"), tags={"kind": "arrow"})
@@ -81,30 +86,46 @@ def to_ometria_records(
     )
 
 
+class ImportConfig(Config):
+    checkpoint_records: int = Field(
+        default=CHECKPOINT_RECORDS,
+        ge=MAX_RECORDS,
+        description="records pushed between two recordings of what Ometria accepted: a crashed run's "
+        "re-run pushes again at most this many of those it had pushed",
+    )
+
+
 @op(out=Out(ImportResult, io_manager_key="state_io_manager"), tags={"kind": "ometria"})
 def import_to_ometria(
     context: OpExecutionContext,
+    config: ImportConfig,
     contacts: ContactsFile,
     registry: ClientRegistryResource,
     ometria: OmetriaResource,
     storage: PipelineStorage,
 ) -> Output[ImportResult]:
-    """Push every record in batches of 100 at the account's rate; fail at once on auth or quota."""
+    """Push the records Ometria does not already hold as they are, in batches of 100 at the account's
+    rate (every record with `push_all`); fail at once on auth or quota."""
     run = contacts.run
     client, _ = registry.client_for_partition(run.partition)
     stats = PushStats()
     started = time.monotonic()
-    rejected: list[dict] = []
+    known = storage.known_contacts(run.partition, run.destination.id if run.destination else None)
+    had_history = bool(known.files())  # on a list's first sync there is nothing to reconcile
     if contacts.records:
-        context.log.info(f"{run.partition}: pushing {contacts.records} contacts to Ometria ({contacts.collection})")
-        rejected = _push_contacts(context, contacts, client, ometria, stats)
+        pushed = _push_changes(context, contacts, client, ometria, stats, known, config.checkpoint_records)
     else:
+        pushed = Pushed()
         context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
-    folder = storage.run_folder(run.partition, run.run_id)
-    deleted, tombstones_rejected = _remember_and_reconcile(context, contacts, client, ometria, storage, rejected, stats)
-    accepted = contacts.records - len(rejected)
+    rejected = pushed.rejected
+    contacts_pushed = stats.pushed
+    deleted, tombstones_rejected = 0, list[dict]()
+    if run.window.full_refresh and had_history:
+        deleted, tombstones_rejected = _reconcile(context, contacts, client, ometria, known, stats)
+    accepted = contacts.records - pushed.skipped - len(rejected)
     rejected += tombstones_rejected
     stats.seconds = time.monotonic() - started
+    folder = storage.run_folder(run.partition, run.run_id)
     # A dead letter never holds the watermark back: it goes to the list's outstanding store, and
     # the check `dead_letters_within_share` alerts when those pass a share of the list.
     write_run_file(folder.root, "import", rejected)
@@ -124,9 +145,10 @@ def import_to_ometria(
         run=run,
         collection=contacts.collection,
         records=contacts.records,
-        pushed=stats.pushed,
+        unchanged_skipped=pushed.skipped,
+        pushed=contacts_pushed,
         accepted=accepted,
-        rejected=contacts.records - accepted,
+        rejected=contacts.records - pushed.skipped - accepted,
         dead_letters=dead,
         watermark=run.window.before,
     )
@@ -136,13 +158,15 @@ def import_to_ometria(
             **watermark_metadata(run),
             "window_since": MetadataValue.text(run.window.since.isoformat() if run.window.since else "(full sync)"),
             "full_refresh": run.window.full_refresh,
+            "push_all": run.push_all,
             "collection": contacts.collection,
             "mailchimp_total_items": contacts.total_items,
             "staged_rows": contacts.staged_rows,
             "records": contacts.records,
-            "pushed": stats.pushed,
+            "unchanged_skipped": pushed.skipped,
+            "pushed": contacts_pushed,
             "accepted": accepted,
-            "rejected": contacts.records - accepted,
+            "rejected": result.rejected,
             "resent_to_isolate_rejections": stats.resent,
             "failed_after_answer": stats.failed_after_answer,
             "error_lookups": stats.lookups,
@@ -161,28 +185,17 @@ def import_to_ometria(
     )
 
 
-def _remember_and_reconcile(
+def _reconcile(
     context: OpExecutionContext,
     contacts: ContactsFile,
     client,
     ometria: OmetriaResource,
-    storage: PipelineStorage,
-    rejected: list[dict],
+    known: KnownContacts,
     stats: PushStats,
 ) -> tuple[int, list[dict]]:
-    """Record the contacts Ometria now holds for this list; on a full refresh, opt out those whose
-    member Mailchimp deleted outright (a full fetch is the only way to notice a deletion).
-
-    Returns how many were opted out, and the dead letters of any Ometria refused.
-    """
+    """On a full refresh, opt out the contacts whose member Mailchimp deleted outright (a full fetch
+    is the only way to notice a deletion). Returns how many, and the dead letters of any Ometria refused."""
     run = contacts.run
-    known = storage.known_contacts(run.partition, run.destination.id if run.destination else None)
-    had_history = bool(known.files())  # on a list's first sync there is nothing to reconcile
-    # Seen at this run's window bound: a full refresh running beside this one (or started before
-    # it) listed only members changed up to its own bound, so it must not judge these.
-    known.add(run.run_id, Path(contacts.path), exclude={d["record_id"] for d in rejected}, seen=run.window.before)
-    if not run.window.full_refresh or not had_history:
-        return 0, []
     staged = pq.ParquetFile(RunFolder(Path(run.folder)).members)
     listed = np.unique(
         np.concatenate(
@@ -205,21 +218,77 @@ def _remember_and_reconcile(
     return gone.num_rows, dead
 
 
-def _push_contacts(
-    context: OpExecutionContext, contacts: ContactsFile, client, ometria: OmetriaResource, stats: PushStats
-) -> list[dict]:
-    """Batches stream from Parquet to the client's pushers; the dead letters of what Ometria refused."""
+@dataclass
+class Pushed:
+    """What a push of a list's records did: the dead letters of what Ometria refused, how many were skipped."""
 
-    def batches() -> Iterator[list[dict]]:
-        return (record_dicts(b) for b in pq.ParquetFile(contacts.path).iter_batches(batch_size=MAX_RECORDS))
+    rejected: list[dict] = field(default_factory=list)
+    skipped: int = 0
+
+
+def _push_changes(
+    context: OpExecutionContext,
+    contacts: ContactsFile,
+    client,
+    ometria: OmetriaResource,
+    stats: PushStats,
+    known: KnownContacts,
+    checkpoint: int,
+) -> Pushed:
+    """Stream the records from Parquet; skip those whose exact bytes Ometria last accepted (their hash
+    in `known`), push the others. Every `checkpoint` records pushed, once Ometria's answers and
+    errors are in, record what it accepted (and the skipped, seen again): a crash loses at most that
+    much progress, and a record refused after the answer never counts as held."""
+    run = contacts.run
+    held = KnownHashes(np.zeros(0, np.uint64), np.zeros(0, np.uint64)) if run.push_all else known.hashes(id_keys)
+    out = Pushed()
+    todo: list[dict] = []  # records to push, in order; `todo_rows` their id, email and hash
+    todo_rows: list[pa.Table] = []
+    seen_rows: list[pa.Table] = []  # skipped: Ometria holds them as they are
+    part = 0
 
     def progress(s: PushStats) -> None:
         context.log.info(
-            f"{contacts.run.partition}: {s.pushed}/{contacts.records} records pushed, "
+            f"{run.partition}: {s.pushed} records pushed, {out.skipped}/{contacts.records} unchanged skipped, "
             f"{s.requests} requests, {s.throttled} throttled"
         )
 
-    return _push(context, client, ometria, stats, contacts.run.list_id, batches, progress)
+    def flush(final: bool) -> None:
+        nonlocal part, todo, todo_rows
+        n = len(todo) if final else len(todo) // MAX_RECORDS * MAX_RECORDS
+        batches = [todo[i : min(i + MAX_RECORDS, n)] for i in range(0, n, MAX_RECORDS)]
+        dead = _push(context, client, ometria, stats, run.list_id, lambda: iter(batches), progress) if n else []
+        out.rejected += dead
+        rows = pa.concat_tables(todo_rows) if todo_rows else None
+        recorded = seen_rows + ([rows.slice(0, n)] if rows is not None and n else [])
+        if recorded:
+            known.add(
+                run.run_id,
+                pa.concat_tables(recorded),
+                exclude={d["record_id"] for d in dead},
+                seen=run.window.before,  # see KnownContacts: a full refresh beside this run must not judge them
+                part=part,
+            )
+            part += 1
+        todo = todo[n:]
+        todo_rows = [rows.slice(n)] if rows is not None and n < rows.num_rows else []
+        seen_rows.clear()
+
+    for batch in pq.ParquetFile(contacts.path).iter_batches(batch_size=1_000):
+        records = record_dicts(batch)
+        hashes = record_hashes(records)
+        same = held.unchanged(id_keys(batch.column("id")), hashes)
+        rows = pa.table({"id": batch.column("id"), "email": batch.column("email"), "hash": pa.array(hashes)})
+        out.skipped += int(same.sum())
+        todo += [r for r, s in zip(records, same, strict=True) if not s]
+        todo_rows.append(rows.filter(pa.array(~same)))
+        seen_rows.append(rows.filter(pa.array(same)))
+        if len(todo) >= checkpoint or sum(t.num_rows for t in seen_rows) >= 10 * checkpoint:
+            flush(final=False)
+    flush(final=True)
+    if out.skipped:
+        context.log.info(f"{run.partition}: {out.skipped} of {contacts.records} records unchanged in Ometria: skipped")
+    return out
 
 
 def _push(
@@ -234,16 +303,17 @@ def _push(
     """One push with the client; `batches()` gives the same batches again to build the dead letters
     (refusals name a batch and a place, so nothing is held in memory while pushing)."""
     om = ometria.client(client, logger=context.log)
+    late_before = stats.failed_after_answer
     try:
         outcome = om.push_batches(batches(), stats, list_id=list_id, progress=progress)
     except ApiError as exc:
         raise failure(exc) from None
     finally:
         om.close()
-    if stats.failed_after_answer:
+    if stats.failed_after_answer > late_before:
         context.log.warning(
-            f"{client.id}:{list_id}: {stats.failed_after_answer} records accepted by Ometria's answer failed "
-            "its validation later (GET /push/_errors): dead letters, not recorded as held"
+            f"{client.id}:{list_id}: {stats.failed_after_answer - late_before} records accepted by Ometria's answer "
+            "failed its validation later (GET /push/_errors): dead letters, not recorded as held"
         )
     return outcome.dead_letters(batches()) if outcome.refused else []
 

@@ -197,6 +197,9 @@ def test_the_static_counts_reconcile_exactly() -> None:
     }
     assert set(reconcile({**PAGES, "members": 4999}, MEMBERS, CONTACTS)) == {"fetch members"}
     assert set(reconcile(PAGES, MEMBERS, {**CONTACTS, "accepted": 6479})) == {"import"}
+    # Records Ometria already holds unchanged are skipped, not pushed: they count, and only exactly.
+    assert reconcile(PAGES, MEMBERS, {**CONTACTS, "accepted": 80, "unchanged_skipped": 6400}) == {}
+    assert set(reconcile(PAGES, MEMBERS, {**CONTACTS, "accepted": 80, "unchanged_skipped": 6399})) == {"import"}
     # On a static list the overlap positions hold the same members: fewer duplicates means fewer members read.
     assert set(reconcile(PAGES, {**MEMBERS, "overlap_duplicates": 99, "dagster/row_count": 6491}, CONTACTS)) >= {
         "members"

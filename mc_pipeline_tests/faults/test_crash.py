@@ -30,9 +30,9 @@ from mc_pipeline_tests.helpers import (
 )
 
 
-def start_materialize(partition: str, log: Path) -> subprocess.Popen:
+def start_materialize(partition: str, log: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        dagster_materialize_command(partition),
+        dagster_materialize_command(partition, *extra),
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
