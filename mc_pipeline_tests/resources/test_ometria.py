@@ -49,34 +49,57 @@ def test_twenty_batches_stay_under_eight_per_second(tmp_path: Path) -> None:
         assert len(sb.ometria_contacts("client-1", "test")) == 2000
 
 
-def test_limiter_never_admits_more_than_rate_in_a_window() -> None:
-    import time
+class SimulatedClock:
+    """The limiter's clock in these tests: waiting moves it, so pacing is judged exactly and at once."""
 
-    limiter = SlidingWindowLimiter(8, 0.2, margin_s=0.0)  # a fast window for a quick test
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def wait(self, _cond: object, seconds: float) -> None:
+        self.t += seconds
+
+
+def simulated_limiter(rate: float, window_s: float, **kw: float) -> tuple[SlidingWindowLimiter, SimulatedClock]:
+    clock = SimulatedClock()
+    return SlidingWindowLimiter(rate, window_s, now=clock.now, wait=clock.wait, **kw), clock
+
+
+def test_limiter_never_admits_more_than_rate_in_a_window() -> None:
+    limiter, clock = simulated_limiter(8, 0.2, margin_s=0.0)
     starts = []
     for _ in range(40):
         limiter.acquire()
-        starts.append(time.monotonic())
+        starts.append(clock.now())
     for i in range(len(starts) - 8):
-        assert starts[i + 8] - starts[i] >= 0.2 - 1e-3
+        assert starts[i + 8] - starts[i] >= 0.2 - 1e-9
 
 
 def test_limiter_paces_starts_evenly() -> None:
     import itertools
-    import time
 
-    limiter = SlidingWindowLimiter(8, 0.2, margin_s=0.0)
+    limiter, clock = simulated_limiter(8, 0.2, margin_s=0.0)
     starts = []
     for _ in range(17):
         limiter.acquire()
-        starts.append(time.monotonic())
+        starts.append(clock.now())
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert min(gaps) >= 0.025 - 1e-3  # one start every 0.2 / 8 s, never a burst of 8
-    assert starts[-1] - starts[0] == pytest.approx(0.4, abs=0.05)  # and still the full rate
+    assert min(gaps) == pytest.approx(0.025)  # one start every 0.2 / 8 s, never a burst of 8
+    assert starts[-1] - starts[0] == pytest.approx(0.4)  # and still the full rate
+
+
+def test_limiter_holds_every_caller_back_after_a_429() -> None:
+    limiter, clock = simulated_limiter(8, 1.0, margin_s=0.0)
+    limiter.acquire()
+    limiter.penalise(2.0)  # Retry-After: 2
+    limiter.acquire()
+    assert clock.now() >= 2.0
 
 
 def test_limiter_margin_widens_after_a_429_and_decays_back() -> None:
-    limiter = SlidingWindowLimiter(100, 0.4, margin_s=0.01, decay=0.99)  # fast, for a quick test
+    limiter, _ = simulated_limiter(100, 0.4, margin_s=0.01, decay=0.99)
     assert limiter.window == pytest.approx(0.41)
     limiter.penalise(0.0)
     limiter.penalise(0.0)
