@@ -27,7 +27,7 @@ from dagster import (
 )
 from dagster._utils.warnings import PreviewWarning
 
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY, MEMBERS_KEY, PAGES_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY, MEMBERS_KEY, PAGES_KEY
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.storage import RunFolder
 

@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from dagster import (
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
     Config,
     DagsterInstance,
     Failure,
@@ -18,20 +17,16 @@ from dagster import (
 )
 from pydantic import Field
 
+from mc_pipeline.assets.keys import GROUP, MEMBERS_KEY, PAGES_KEY
 from mc_pipeline.assets.metadata import fetch_summary, fetched_window, page_set, pages_metadata, parquet_metadata
 from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers
-from mc_pipeline.assets.watermarks import CONTACTS_KEY, begin_sync, latest_watermark, latest_watermarks
+from mc_pipeline.assets.watermarks import begin_sync
 from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.staging import STAGING_SCHEMA, StagingWriter
 from mc_pipeline.storage import PipelineStorage
-
-PAGES_KEY = AssetKey(["mailchimp", "member_pages"])
-MEMBERS_KEY = AssetKey(["mailchimp", "members"])
-GROUP = "mailchimp_to_ometria"
-__all__ = ["CONTACTS_KEY", "latest_watermark", "latest_watermarks"]  # their home is watermarks.py
 
 
 class SyncConfig(Config):

@@ -26,10 +26,11 @@ from dagster import (
 )
 from pydantic import Field
 
-from mc_pipeline.assets.mailchimp import GROUP, MEMBERS_KEY, failure
+from mc_pipeline.assets.keys import CONTACTS_KEY, GROUP, MEMBERS_KEY
+from mc_pipeline.assets.mailchimp import failure
 from mc_pipeline.assets.metadata import parquet_metadata
 from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers
-from mc_pipeline.assets.watermarks import CONTACTS_KEY, known_until, watermark_metadata
+from mc_pipeline.assets.watermarks import known_until, watermark_metadata
 from mc_pipeline.dead_letters import settle_run, write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
