@@ -91,7 +91,9 @@ class Backlog:
     todo_rows: list[pa.Table] = field(default_factory=list)  # their id, email and hash
     seen_rows: list[pa.Table] = field(default_factory=list)  # skipped since the last `take`
 
-    def add(self, ids: pa.Array, emails: pa.Array, keys: np.ndarray, records: list[dict[str, Any]], hashes: np.ndarray):
+    def add(
+        self, ids: pa.Array, emails: pa.Array, keys: np.ndarray, records: list[dict[str, Any]], hashes: np.ndarray
+    ) -> None:
         same = self.held.unchanged(keys, hashes)
         rows = pa.table({"id": ids, "email": emails, "hash": pa.array(hashes)})
         self.skipped += int(same.sum())
