@@ -175,7 +175,8 @@ class KnownContacts:
     contacts Ometria still holds for the list. Each import appends a delta file; a full refresh
     folds them into one base file. A full fetch lists only members last changed up to its window's
     upper bound, so only contacts seen up to that bound can be judged: one pushed by a run that
-    started later (beside it, or after it) is never taken for deleted. Everything streams by row
+    started later (beside it, or after it) is never taken for deleted (the judging itself is
+    `reconcile.judge`; this class only reads and writes the files). Everything streams by row
     group and keeps 8-byte keys, not strings, in memory, so a list of millions costs tens of
     megabytes, not gigabytes.
     """
