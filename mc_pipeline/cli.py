@@ -251,7 +251,7 @@ def _partition_problem(partition: str, registry: str | None, storage) -> tuple[i
     if os.environ.get("DAGSTER_HOME"):
         from dagster import AssetRecordsFilter
 
-        from mc_pipeline.assets import CONTACTS_KEY
+        from mc_pipeline.assets.keys import CONTACTS_KEY
         from mc_pipeline.partitions import MAILCHIMP_LISTS
 
         with _instance() as instance:

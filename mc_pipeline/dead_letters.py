@@ -387,7 +387,7 @@ def report(instance: Any, partition: str, state: ListState) -> None:
     runless check evaluation: Dagster 1.13 keeps one per partition; a second breaks its unique key.)"""
     from dagster import AssetObservation
 
-    from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+    from mc_pipeline.assets.keys import CONTACTS_KEY
 
     event = AssetObservation(asset_key=CONTACTS_KEY, partition=partition, metadata=state.metadata())
     instance.report_runless_asset_event(event)

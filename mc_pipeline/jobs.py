@@ -10,7 +10,7 @@ from dagster import AssetCheckKey, AssetSelection, PartitionedConfig, define_ass
 
 from mc_pipeline.assets import ASSETS
 from mc_pipeline.assets.checks import counts_reconcile
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY, PAGES_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY, PAGES_KEY
 from mc_pipeline.dead_letters import CHECK_NAME
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.registry import RegistryError, YamlClientRegistry, parse_partition_key

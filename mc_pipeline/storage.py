@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from mc_pipeline.reconcile import NEVER, KnownHashes, judge
 from mc_pipeline.registry import parse_partition_key
 
 RUN_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: `$` would let "id\n" through
@@ -70,6 +71,23 @@ class RunFolder:
     @property
     def contacts(self) -> Path:
         return self.root / "contacts.parquet"
+
+    @property
+    def listed(self) -> Path:
+        """On a full refresh: the sorted 64-bit keys of every member Mailchimp listed (`save_keys`)."""
+        return self.root / "listed.npy"
+
+
+def save_keys(path: Path, keys: np.ndarray) -> None:
+    """64-bit keys as a .npy file, whole or not at all: 8 bytes a member."""
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    with tmp.open("wb") as f:
+        np.save(f, np.asarray(keys, dtype=np.uint64), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def load_keys(path: Path) -> np.ndarray:
+    return np.asarray(np.load(path, allow_pickle=False), dtype=np.uint64)
 
 
 class PipelineStorage(ConfigurableResource):
@@ -146,7 +164,6 @@ KNOWN_SCHEMA = pa.schema(
         pa.field("hash", pa.uint64()),  # of the record Ometria last accepted (transform.record_hashes); null: unknown
     ]
 )
-_NEVER = np.iinfo(np.int64).min  # a row without `seen` (written before it existed): as old as can be
 
 
 class KnownContacts:
@@ -158,7 +175,8 @@ class KnownContacts:
     contacts Ometria still holds for the list. Each import appends a delta file; a full refresh
     folds them into one base file. A full fetch lists only members last changed up to its window's
     upper bound, so only contacts seen up to that bound can be judged: one pushed by a run that
-    started later (beside it, or after it) is never taken for deleted. Everything streams by row
+    started later (beside it, or after it) is never taken for deleted (the judging itself is
+    `reconcile.judge`; this class only reads and writes the files). Everything streams by row
     group and keeps 8-byte keys, not strings, in memory, so a list of millions costs tens of
     megabytes, not gigabytes.
     """
@@ -226,8 +244,7 @@ class KnownContacts:
             for b in _batches(f):
                 keys_l.append(key(b.column("id")))
                 hashes_l.append(np.asarray(pc.fill_null(b.column("hash"), 0).to_numpy(), dtype=np.uint64))
-        keys, first = np.unique(np.concatenate(keys_l), return_index=True)  # the first row of a key is its newest
-        return KnownHashes(keys, np.concatenate(hashes_l)[first])
+        return KnownHashes.newest(np.concatenate(keys_l), np.concatenate(hashes_l))
 
     def reconcile(
         self, listed: np.ndarray, key: Callable[[pa.Array], np.ndarray], judged_until: datetime | None = None
@@ -244,16 +261,7 @@ class KnownContacts:
             for b in _batches(f):
                 keys_l.append(key(b.column("id")))
                 seen_l.append(_seconds(b.column("seen")))
-        keys, seen = np.concatenate(keys_l), np.concatenate(seen_l)
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        newest = np.zeros(len(keys), dtype=bool)
-        newest[first] = True
-        last_seen = np.full(len(first), _NEVER, dtype=np.int64)
-        np.maximum.at(last_seen, inverse, seen)
-        row_seen = last_seen[inverse]
-        still = np.isin(keys, listed)
-        if judged_until is not None:
-            still |= row_seen > int(judged_until.timestamp())
+        judged = judge(np.concatenate(keys_l), np.concatenate(seen_l), listed, judged_until)
         # Pass 2: stream the rows again into the new base, keeping the gone ones aside.
         gone: list[pa.Table] = []
         tmp = self.folder / ".base.parquet.tmp"
@@ -262,10 +270,10 @@ class KnownContacts:
             for f in files:
                 for batch in _batches(f):
                     end = start + batch.num_rows
-                    stamps = row_seen[start:end]
-                    stamp = pa.array(stamps, pa.int64(), mask=stamps == _NEVER).cast(KNOWN_SCHEMA.field("seen").type)
+                    stamps = judged.last_seen[start:end]
+                    stamp = pa.array(stamps, pa.int64(), mask=stamps == NEVER).cast(KNOWN_SCHEMA.field("seen").type)
                     table = pa.Table.from_batches([batch]).set_column(2, "seen", stamp)
-                    first_row, kept = newest[start:end], still[start:end]
+                    first_row, kept = judged.newest[start:end], judged.kept[start:end]
                     out.write_table(table.filter(pa.array(first_row & kept)))
                     if (first_row & ~kept).any():
                         gone.append(table.filter(pa.array(first_row & ~kept)))
@@ -275,21 +283,6 @@ class KnownContacts:
             if f.name != "base.parquet":
                 f.unlink()
         return pa.concat_tables(gone) if gone else KNOWN_SCHEMA.empty_table()
-
-
-@dataclass(frozen=True)
-class KnownHashes:
-    """Sorted contact keys and the hash of the record Ometria last accepted for each (0: unknown)."""
-
-    keys: np.ndarray
-    hashes: np.ndarray
-
-    def unchanged(self, keys: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        """Which of these records Ometria already holds byte for byte: same key, same nonzero hash."""
-        at = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
-        if not len(self.keys):
-            return np.zeros(len(keys), dtype=bool)
-        return (self.keys[at] == keys) & (self.hashes[at] == hashes) & (hashes != 0)
 
 
 def _known(table: pa.Table) -> pa.Table:
@@ -309,4 +302,4 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 def _seconds(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     as_int = pc.cast(column, pa.timestamp("s", tz="UTC")).cast(pa.int64())
-    return np.asarray(pc.fill_null(as_int, _NEVER).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return np.asarray(pc.fill_null(as_int, NEVER).to_numpy(zero_copy_only=False), dtype=np.int64)

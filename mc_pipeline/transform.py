@@ -22,7 +22,7 @@
 Members deleted outright in Mailchimp vanish from its API; the weekly full refresh finds the
 contacts this pipeline pushed that Mailchimp no longer lists and sends each an opt-out
 (`marketing_optin` EXPLICITLY_OPTEDOUT, `timestamp_unsubscribed`, `properties.mailchimp_deleted`,
-with `@merge` so Ometria keeps the rest of the record). See `tombstones`.
+with `@merge` so Ometria keeps the rest of the record). See `reconcile.tombstones`.
 
 Consent (Ometria's subscription hierarchy, support.ometria.com articles 9881943263389 "Force
 opt-in" and 360011293458 "How does Ometria subscribe and unsubscribe contacts?"): a listing with
@@ -68,7 +68,6 @@ The docs give no length limit for names, phone or properties: none is checked.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -303,21 +302,3 @@ def encode_records(records: list[dict[str, Any]]) -> tuple[list[tuple[int, bytes
             encoded.append((i, raw))
     return encoded, too_large
 
-
-def tombstones(known: pa.RecordBatch | pa.Table, collection: str, when: datetime) -> list[dict[str, Any]]:
-    """Records that opt out contacts whose member Mailchimp deleted outright (`@merge` keeps the rest)."""
-    stamp = when.isoformat()
-    return [
-        {
-            "@type": "contact",
-            "@collection": collection,
-            "@merge": True,
-            "id": row["id"],
-            **({"email": row["email"]} if row["email"] else {}),
-            "marketing_optin": "EXPLICITLY_OPTEDOUT",
-            "@force_optin": True,  # an opt-out, forced like every other (see "Consent" above)
-            "timestamp_unsubscribed": stamp,
-            "properties": {"mailchimp_deleted": True},
-        }
-        for row in known.to_pylist()
-    ]

@@ -160,7 +160,7 @@ def test_an_incremental_of_half_bad_members_moves_on_and_the_check_names_them_un
     nothing again, the check fails naming them (whatever pruning removed), a replay after the fix
     clears them and the check passes."""
     from mc_pipeline.assets.checks import counts_reconcile
-    from mc_pipeline.assets.mailchimp import latest_watermark
+    from mc_pipeline.assets.watermarks import latest_watermark
     from mc_pipeline.automation.checks import dead_letter_state, dead_letters_within_share
     from mc_pipeline_tests.conftest import make_env
     from mc_pipeline_tests.helpers import assert_ometria_matches, metadata, sync

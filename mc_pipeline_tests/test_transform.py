@@ -270,7 +270,7 @@ def test_the_registry_setting_forces_opt_ins(status: str, forced: bool) -> None:
 
 
 def test_tombstones_are_forced_opt_outs() -> None:
-    from mc_pipeline.transform import tombstones
+    from mc_pipeline.reconcile import tombstones
 
     (t,) = tombstones(pa.table({"id": ["x"], "email": ["x@example.org"]}), "mailchimp-0123456789", datetime.now(UTC))
     assert t["marketing_optin"] == "EXPLICITLY_OPTEDOUT" and t["@force_optin"] is True and t["@merge"] is True

@@ -27,7 +27,7 @@ from dagster import (
 )
 from dagster._utils.warnings import PreviewWarning
 
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY, MEMBERS_KEY, PAGES_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY, MEMBERS_KEY, PAGES_KEY
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.storage import RunFolder
 
@@ -44,6 +44,11 @@ def _latest_metadata(instance: DagsterInstance, key, partition: str) -> tuple[st
 
 def reconcile(pages: dict[str, Any], members: dict[str, Any], contacts: dict[str, Any]) -> dict[str, str]:
     """{step: what does not add up} from the three assets' metadata; empty when every count reconciles."""
+    return {**_listing_problems(pages, members), **_push_problems(members, contacts)}
+
+
+def _listing_problems(pages: dict[str, Any], members: dict[str, Any]) -> dict[str, str]:
+    """Mailchimp's pages -> staged members: every row fetched is staged, a duplicate or a dead letter."""
     total, total_end = pages["total_items"], pages["total_items_at_end"]
     a_total, a_total_end = pages.get("archived_total_items", 0), pages.get("archived_total_items_at_end", 0)
     staged, staging_dead = members["dagster/row_count"], members.get("dead_letters", 0)
@@ -78,6 +83,13 @@ def reconcile(pages: dict[str, Any], members: dict[str, Any], contacts: dict[str
             f"Mailchimp listed at least {total_end} members and {a_total_end} archived, {listed} were staged or "
             "dead-lettered"
         )
+    return problems
+
+
+def _push_problems(members: dict[str, Any], contacts: dict[str, Any]) -> dict[str, str]:
+    """Staged members -> contacts -> Ometria's answers."""
+    staged, staging_dead = members["dagster/row_count"], members.get("dead_letters", 0)
+    problems: dict[str, str] = {}
     records, dead, rejected = contacts["records"], contacts["dead_letters"], contacts["rejected"]
     transform_dead = dead - staging_dead - rejected
     if staged != records + transform_dead:
@@ -138,23 +150,11 @@ with warnings.catch_warnings():
         run_members, members = _latest_metadata(instance, MEMBERS_KEY, partition)
         run_contacts, contacts = _latest_metadata(instance, CONTACTS_KEY, partition)
         if not (run_pages and run_pages == run_members == run_contacts):
-            return AssetCheckResult(
-                passed=False,
-                severity=AssetCheckSeverity.WARN,
-                description="the three assets of this partition were not all materialized by one run",
-                metadata={
-                    "pages_run": run_pages or "",
-                    "members_run": run_members or "",
-                    "contacts_run": run_contacts or "",
-                },
-            )
+            return _not_one_run(run_pages, run_members, run_contacts)
         problems = reconcile(pages, members, contacts)
         folder = contacts.get("run_folder")
         missing = missing_members(RunFolder(Path(folder)), set(problems)) if problems and folder else []
-        description = "; ".join(problems.values())
-        if missing:
-            more = f" and {len(missing) - NAMED} more" if len(missing) > NAMED else ""
-            description += f"; missing members: {', '.join(missing[:NAMED])}{more}"
+        description = _describe(problems, missing)
         return AssetCheckResult(
             passed=not problems,
             description=description or None,
@@ -174,3 +174,25 @@ with warnings.catch_warnings():
                 "missing_members": MetadataValue.json(missing[:1000]),
             },
         )
+
+
+def _not_one_run(run_pages: str | None, run_members: str | None, run_contacts: str | None) -> AssetCheckResult:
+    """A warning, not a verdict: the counts of different runs cannot be compared."""
+    return AssetCheckResult(
+        passed=False,
+        severity=AssetCheckSeverity.WARN,
+        description="the three assets of this partition were not all materialized by one run",
+        metadata={
+            "pages_run": run_pages or "",
+            "members_run": run_members or "",
+            "contacts_run": run_contacts or "",
+        },
+    )
+
+
+def _describe(problems: dict[str, str], missing: list[str]) -> str:
+    description = "; ".join(problems.values())
+    if missing:
+        more = f" and {len(missing) - NAMED} more" if len(missing) > NAMED else ""
+        description += f"; missing members: {', '.join(missing[:NAMED])}{more}"
+    return description

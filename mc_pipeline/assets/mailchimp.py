@@ -5,33 +5,31 @@
 import gzip
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
     Config,
     DagsterInstance,
     Failure,
     Output,
     asset,
 )
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from mc_pipeline.assets.keys import GROUP, MEMBERS_KEY, PAGES_KEY
 from mc_pipeline.assets.metadata import fetch_summary, fetched_window, page_set, pages_metadata, parquet_metadata
 from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers
-from mc_pipeline.assets.watermarks import CONTACTS_KEY, begin_sync, latest_watermark, latest_watermarks
+from mc_pipeline.assets.watermarks import begin_sync
 from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
+from mc_pipeline.registry import Client
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
-from mc_pipeline.staging import STAGING_SCHEMA, StagingWriter
-from mc_pipeline.storage import PipelineStorage
-
-PAGES_KEY = AssetKey(["mailchimp", "member_pages"])
-MEMBERS_KEY = AssetKey(["mailchimp", "members"])
-GROUP = "mailchimp_to_ometria"
-__all__ = ["CONTACTS_KEY", "latest_watermark", "latest_watermarks"]  # their home is watermarks.py
+from mc_pipeline.resources.paging import FetchResult
+from mc_pipeline.staging import STAGING_SCHEMA, StagingSummary, StagingWriter
+from mc_pipeline.storage import PipelineStorage, RunFolder
 
 
 class SyncConfig(Config):
@@ -98,18 +96,7 @@ def member_pages(
         f"{partition}: {'full' if since is None else 'incremental'} sync of list {list_id}, "
         f"last_changed after {since.isoformat() if since else 'the beginning'}"
     )
-    try:
-        with mailchimp.client(client, context.log, keys.mailchimp) as mc:
-            fetched = mc.fetch(
-                list_id,
-                folder,
-                since=since,
-                archived_since=archived_since,
-                sweep_archived=mailchimp.sweep_archived,
-                before_fallback=run_started_at(context.instance, run_id),
-            )
-    except ApiError as exc:
-        raise failure(exc) from None
+    fetched = _fetch(mailchimp, client, context, keys.mailchimp, list_id, folder, since, archived_since)
     window = fetched_window(fetched, archived_since)
     run = RunFiles(
         partition=partition,
@@ -144,27 +131,9 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
     files = sorted(folder.pages.glob("*.json.gz"))
     if len(files) != pages.pages:
         raise Failure(description=f"{run.partition}: {len(files)} page files in {folder.pages}, expected {pages.pages}")
-    writer = StagingWriter(folder.members)
-    try:
-        for path in files:
-            offset = int(path.name.removesuffix(".json.gz").rsplit("-", 1)[1])
-            writer.write_page(gzip.decompress(path.read_bytes()), offset)
-        summary = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    summary = _stage(files, folder.members)
     dead = write_run_file(folder.root, "staging", summary.dead_letters)
-    if summary.duplicates:
-        context.log.info(
-            f"{run.partition}: {summary.rows} members staged from {summary.rows_read + dead} rows: "
-            f"{summary.overlap_duplicates} read twice by the pages' overlap, {summary.changed_duplicates} older "
-            f"versions, {dead} dead letters"
-        )
-    if summary.changed_duplicates:
-        context.log.warning(
-            f"{run.partition}: {summary.changed_duplicates} older versions of members that changed while the list "
-            "was paged (read again with another last_changed); kept the latest version of each"
-        )
+    _log_duplicates(context, run.partition, summary, dead)
     metadata = parquet_metadata(
         folder.members,
         STAGING_SCHEMA,
@@ -192,3 +161,55 @@ def members(context: AssetExecutionContext, pages: PageSet, storage: PipelineSto
         ),
         metadata=metadata,
     )
+
+
+def _fetch(
+    mailchimp: MailchimpResource,
+    client: Client,
+    context: AssetExecutionContext,
+    key: SecretStr,
+    list_id: str,
+    folder: RunFolder,
+    since: datetime | None,
+    archived_since: datetime | None,
+) -> FetchResult:
+    """The window's pages (and the archived sweep) into `folder`; an API error fails the run naming the list."""
+    try:
+        with mailchimp.client(client, context.log, key) as mc:
+            return mc.fetch(
+                list_id,
+                folder,
+                since=since,
+                archived_since=archived_since,
+                sweep_archived=mailchimp.sweep_archived,
+                before_fallback=run_started_at(context.instance, context.run.run_id),
+            )
+    except ApiError as exc:
+        raise failure(exc) from None
+
+
+def _stage(files: list[Path], target: Path) -> StagingSummary:
+    """The pages, in order, into the staging table at `target`, whole or not at all."""
+    writer = StagingWriter(target)
+    try:
+        for path in files:
+            offset = int(path.name.removesuffix(".json.gz").rsplit("-", 1)[1])
+            writer.write_page(gzip.decompress(path.read_bytes()), offset)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _log_duplicates(context: AssetExecutionContext, partition: str, summary: StagingSummary, dead: int) -> None:
+    if summary.duplicates:
+        context.log.info(
+            f"{partition}: {summary.rows} members staged from {summary.rows_read + dead} rows: "
+            f"{summary.overlap_duplicates} read twice by the pages' overlap, {summary.changed_duplicates} older "
+            f"versions, {dead} dead letters"
+        )
+    if summary.changed_duplicates:
+        context.log.warning(
+            f"{partition}: {summary.changed_duplicates} older versions of members that changed while the list "
+            "was paged (read again with another last_changed); kept the latest version of each"
+        )

@@ -84,6 +84,9 @@ class ContactsFile(_Model):
     collection: str
     records: int
     dead_letters: int
+    # On a full refresh: the keys of every member listed (storage.save_keys), which the import judges
+    # deletions by. None otherwise, and in descriptors written before it (their import skips the judging).
+    listed: str | None = None
 
 
 class ImportResult(_Model):

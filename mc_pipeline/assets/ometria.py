@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,18 +27,20 @@ from dagster import (
 )
 from pydantic import Field
 
-from mc_pipeline.assets.mailchimp import GROUP, MEMBERS_KEY, failure
+from mc_pipeline.assets.keys import CONTACTS_KEY, GROUP, MEMBERS_KEY
+from mc_pipeline.assets.mailchimp import failure
 from mc_pipeline.assets.metadata import parquet_metadata
 from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers
-from mc_pipeline.assets.watermarks import CONTACTS_KEY, known_until, watermark_metadata
-from mc_pipeline.dead_letters import settle_run, write_run_file
+from mc_pipeline.assets.watermarks import known_until, watermark_metadata
+from mc_pipeline.dead_letters import ListState, settle_run, write_run_file
 from mc_pipeline.partitions import mailchimp_lists
+from mc_pipeline.reconcile import Backlog, KnownHashes, listed_keys, tombstones
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
 from mc_pipeline.staging import id_keys
-from mc_pipeline.storage import KnownContacts, KnownHashes, PipelineStorage, RunFolder
-from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts, tombstones
+from mc_pipeline.storage import KnownContacts, PipelineStorage, RunFolder, load_keys, save_keys
+from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts
 
 CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; a checkpoint stalls the push about 0.2 s
 
@@ -52,20 +55,11 @@ def to_ometria_records(
     collection = client.collection(run.list_id)
     folder = storage.run_folder(run.partition, run.run_id)
     started = time.monotonic()
-    source = pq.ParquetFile(members.path)
-    records = dead_rows = 0
-    dead_tables = []
-    with pq.ParquetWriter(folder.contacts, CONTACT_SCHEMA, compression="zstd") as out:
-        for i in range(source.num_row_groups):
-            good, dead = to_contacts(source.read_row_group(i), collection, client.ometria.force_optin)
-            out.write_table(good)
-            records += good.num_rows
-            dead_rows += dead.num_rows
-            if dead.num_rows:
-                dead_tables.append(dead)
-    if dead_tables:
-        write_run_file(folder.root, "transform", pa.concat_tables(dead_tables))
-        context.log.warning(f"{run.partition}: {dead_rows} members cannot become Ometria contacts (dead letters)")
+    done = _convert(members, folder, collection, client.ometria.force_optin)
+    if done.dead:
+        write_run_file(folder.root, "transform", pa.concat_tables(done.dead))
+        context.log.warning(f"{run.partition}: {done.dead_rows} members cannot become Ometria contacts (dead letters)")
+    records, dead_rows = done.records, done.dead_rows
     metadata = parquet_metadata(
         folder.contacts, CONTACT_SCHEMA, records, ["id", "email", "marketing_optin", "country_id", "timestamp_acquired"]
     )
@@ -81,9 +75,42 @@ def to_ometria_records(
             collection=collection,
             records=records,
             dead_letters=members.dead_letters + dead_rows,
+            listed=str(folder.listed) if done.listed is not None else None,
         ),
         metadata=metadata,
     )
+
+
+@dataclass
+class _Converted:
+    records: int = 0
+    dead: list[pa.Table] = field(default_factory=list)
+    listed: list[np.ndarray] | None = None  # on a full refresh: the keys of every member listed
+
+    @property
+    def dead_rows(self) -> int:
+        return sum(t.num_rows for t in self.dead)
+
+
+def _convert(members: StagedMembers, folder: RunFolder, collection: str, force_optin: bool) -> _Converted:
+    """Row group by row group: the records to `folder.contacts`, the dead letters aside and, on a full
+    refresh, the keys of every member Mailchimp listed to `folder.listed` (the import's reconciliation
+    judges deletions by them, so it needs nothing but its input)."""
+    done = _Converted(listed=[] if members.run.window.full_refresh else None)
+    source = pq.ParquetFile(members.path)
+    with pq.ParquetWriter(folder.contacts, CONTACT_SCHEMA, compression="zstd") as out:
+        for i in range(source.num_row_groups):
+            staged = source.read_row_group(i)
+            good, dead = to_contacts(staged, collection, force_optin)
+            out.write_table(good)
+            done.records += good.num_rows
+            if dead.num_rows:
+                done.dead.append(dead)
+            if done.listed is not None:
+                done.listed.append(id_keys(contact_ids(staged).drop_null()))
+    if done.listed is not None:
+        save_keys(folder.listed, listed_keys(done.listed))
+    return done
 
 
 class ImportConfig(Config):
@@ -117,14 +144,38 @@ def import_to_ometria(
     else:
         pushed = Pushed()
         context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
-    rejected = pushed.rejected
-    contacts_pushed = stats.pushed
-    deleted, tombstones_rejected = 0, list[dict]()
+    contacts_pushed, rejected = stats.pushed, pushed.rejected
+    deleted = 0
     if run.window.full_refresh and had_history:
         deleted, tombstones_rejected = _reconcile(context, contacts, client, ometria, known, stats)
-    accepted = contacts.records - pushed.skipped - len(rejected)
-    rejected += tombstones_rejected
+        rejected = rejected + tombstones_rejected
+    accepted = contacts.records - pushed.skipped - len(pushed.rejected)
     stats.seconds = time.monotonic() - started
+    dead, pending, dead_md = _settle(context, storage, ometria, contacts, rejected)
+    result = ImportResult(
+        run=run,
+        collection=contacts.collection,
+        records=contacts.records,
+        unchanged_skipped=pushed.skipped,
+        pushed=contacts_pushed,
+        accepted=accepted,
+        rejected=contacts.records - pushed.skipped - accepted,
+        dead_letters=dead,
+        watermark=run.window.before,
+    )
+    return Output(result, metadata=_import_metadata(contacts, result, stats, deleted, pending, dead_md))
+
+
+def _settle(
+    context: OpExecutionContext,
+    storage: PipelineStorage,
+    ometria: OmetriaResource,
+    contacts: ContactsFile,
+    rejected: list[dict],
+) -> tuple[int, ListState, dict]:
+    """The run's dead letters into the list's store, then the old run folders pruned: (the run's
+    dead letters, the list's state, their metadata)."""
+    run = contacts.run
     folder = storage.run_folder(run.partition, run.run_id)
     # A dead letter never holds the watermark back: it goes to the list's outstanding store, and
     # the check `dead_letters_within_share` alerts when those pass a share of the list.
@@ -141,48 +192,42 @@ def import_to_ometria(
     pruned = storage.prune(run.partition, keep_also=(run.run_id,))
     if pruned:
         context.log.info(f"{run.partition}: pruned {len(pruned)} old run folders")
-    result = ImportResult(
-        run=run,
-        collection=contacts.collection,
-        records=contacts.records,
-        unchanged_skipped=pushed.skipped,
-        pushed=contacts_pushed,
-        accepted=accepted,
-        rejected=contacts.records - pushed.skipped - accepted,
-        dead_letters=dead,
-        watermark=run.window.before,
-    )
-    return Output(
-        result,
-        metadata={
-            **watermark_metadata(run),
-            "window_since": MetadataValue.text(run.window.since.isoformat() if run.window.since else "(full sync)"),
-            "full_refresh": run.window.full_refresh,
-            "push_all": run.push_all,
-            "collection": contacts.collection,
-            "mailchimp_total_items": contacts.total_items,
-            "staged_rows": contacts.staged_rows,
-            "records": contacts.records,
-            "unchanged_skipped": pushed.skipped,
-            "pushed": contacts_pushed,
-            "accepted": accepted,
-            "rejected": result.rejected,
-            "resent_to_isolate_rejections": stats.resent,
-            "failed_after_answer": stats.failed_after_answer,
-            "error_lookups": stats.lookups,
-            "deleted_in_mailchimp_opted_out": deleted,
-            "dead_letters": dead,
-            **dead_md,
-            **pending.metadata(),
-            "requests": stats.requests,
-            "throttled_429": stats.throttled,
-            "retries": stats.retries,
-            "retry_causes": MetadataValue.json(stats.causes),
-            "seconds": round(stats.seconds, 3),
-            "records_per_second": round(stats.pushed / stats.seconds, 1) if stats.seconds else 0.0,
-            "run_folder": MetadataValue.path(run.folder),
-        },
-    )
+    return dead, pending, dead_md
+
+
+def _import_metadata(
+    contacts: ContactsFile, result: ImportResult, stats: PushStats, deleted: int, pending: ListState, dead_md: dict
+) -> dict[str, Any]:
+    """What `ometria/contacts` records of an import: the watermark for the next run, then the counts."""
+    run = contacts.run
+    return {
+        **watermark_metadata(run),
+        "window_since": MetadataValue.text(run.window.since.isoformat() if run.window.since else "(full sync)"),
+        "full_refresh": run.window.full_refresh,
+        "push_all": run.push_all,
+        "collection": contacts.collection,
+        "mailchimp_total_items": contacts.total_items,
+        "staged_rows": contacts.staged_rows,
+        "records": contacts.records,
+        "unchanged_skipped": result.unchanged_skipped,
+        "pushed": result.pushed,
+        "accepted": result.accepted,
+        "rejected": result.rejected,
+        "resent_to_isolate_rejections": stats.resent,
+        "failed_after_answer": stats.failed_after_answer,
+        "error_lookups": stats.lookups,
+        "deleted_in_mailchimp_opted_out": deleted,
+        "dead_letters": result.dead_letters,
+        **dead_md,
+        **pending.metadata(),
+        "requests": stats.requests,
+        "throttled_429": stats.throttled,
+        "retries": stats.retries,
+        "retry_causes": MetadataValue.json(stats.causes),
+        "seconds": round(stats.seconds, 3),
+        "records_per_second": round(stats.pushed / stats.seconds, 1) if stats.seconds else 0.0,
+        "run_folder": MetadataValue.path(run.folder),
+    }
 
 
 def _reconcile(
@@ -196,16 +241,10 @@ def _reconcile(
     """On a full refresh, opt out the contacts whose member Mailchimp deleted outright (a full fetch
     is the only way to notice a deletion). Returns how many, and the dead letters of any Ometria refused."""
     run = contacts.run
-    staged = pq.ParquetFile(RunFolder(Path(run.folder)).members)
-    listed = np.unique(
-        np.concatenate(
-            [np.zeros(0, dtype=np.uint64)]
-            + [
-                id_keys(contact_ids(pa.Table.from_batches([b])).drop_null())
-                for b in staged.iter_batches(batch_size=50_000, columns=["contact_id", "unique_email_id"])
-            ]
-        )
-    )
+    if contacts.listed is None:  # a descriptor written before `listed`: judge at the next full refresh
+        context.log.warning(f"{run.partition}: the transform handed no listed members on; deletions not judged")
+        return 0, []
+    listed = load_keys(Path(contacts.listed))
     gone = known.reconcile(listed, id_keys, judged_until=known_until(run.window))
     dead: list[dict] = []
     if gone.num_rows:
@@ -240,52 +279,34 @@ def _push_changes(
     errors are in, record what it accepted (and the skipped, seen again): a crash loses at most that
     much progress, and a record refused after the answer never counts as held."""
     run = contacts.run
-    held = KnownHashes(np.zeros(0, np.uint64), np.zeros(0, np.uint64)) if run.push_all else known.hashes(id_keys)
+    backlog = Backlog(KnownHashes.none() if run.push_all else known.hashes(id_keys))
     out = Pushed()
-    todo: list[dict] = []  # records to push, in order; `todo_rows` their id, email and hash
-    todo_rows: list[pa.Table] = []
-    seen_rows: list[pa.Table] = []  # skipped: Ometria holds them as they are
     part = 0
 
     def progress(s: PushStats) -> None:
         context.log.info(
-            f"{run.partition}: {s.pushed} records pushed, {out.skipped}/{contacts.records} unchanged skipped, "
+            f"{run.partition}: {s.pushed} records pushed, {backlog.skipped}/{contacts.records} unchanged skipped, "
             f"{s.requests} requests, {s.throttled} throttled"
         )
 
     def flush(final: bool) -> None:
-        nonlocal part, todo, todo_rows
-        n = len(todo) if final else len(todo) // MAX_RECORDS * MAX_RECORDS
-        batches = [todo[i : min(i + MAX_RECORDS, n)] for i in range(0, n, MAX_RECORDS)]
-        dead = _push(context, client, ometria, stats, run.list_id, lambda: iter(batches), progress) if n else []
+        nonlocal part
+        batches, recorded = backlog.take(MAX_RECORDS, final)
+        dead = _push(context, client, ometria, stats, run.list_id, lambda: iter(batches), progress) if batches else []
         out.rejected += dead
-        rows = pa.concat_tables(todo_rows) if todo_rows else None
-        recorded = seen_rows + ([rows.slice(0, n)] if rows is not None and n else [])
-        if recorded:
-            known.add(
-                run.run_id,
-                pa.concat_tables(recorded),
-                exclude={d["record_id"] for d in dead},
-                seen=run.window.before,  # see KnownContacts: a full refresh beside this run must not judge them
-                part=part,
-            )
+        if recorded is not None:
+            # `seen`: see KnownContacts: a full refresh beside this run must not judge them
+            known.add(run.run_id, recorded, exclude={d["record_id"] for d in dead}, seen=run.window.before, part=part)
             part += 1
-        todo = todo[n:]
-        todo_rows = [rows.slice(n)] if rows is not None and n < rows.num_rows else []
-        seen_rows.clear()
 
     for batch in pq.ParquetFile(contacts.path).iter_batches(batch_size=1_000):
         records = record_dicts(batch)
-        hashes = record_hashes(records)
-        same = held.unchanged(id_keys(batch.column("id")), hashes)
-        rows = pa.table({"id": batch.column("id"), "email": batch.column("email"), "hash": pa.array(hashes)})
-        out.skipped += int(same.sum())
-        todo += [r for r, s in zip(records, same, strict=True) if not s]
-        todo_rows.append(rows.filter(pa.array(~same)))
-        seen_rows.append(rows.filter(pa.array(same)))
-        if len(todo) >= checkpoint or sum(t.num_rows for t in seen_rows) >= 10 * checkpoint:
+        ids = batch.column("id")
+        backlog.add(ids, batch.column("email"), id_keys(ids), records, record_hashes(records))
+        if backlog.due(checkpoint):
             flush(final=False)
     flush(final=True)
+    out.skipped = backlog.skipped
     if out.skipped:
         context.log.info(f"{run.partition}: {out.skipped} of {contacts.records} records unchanged in Ometria: skipped")
     return out

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     AssetMaterialization,
     AssetRecordsFilter,
     DagsterEventType,
@@ -30,6 +29,7 @@ from dagster import (
     MetadataValue,
 )
 
+from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.assets.models import Destination, RunFiles, Window
 from mc_pipeline.registry import Client, RegistryError, SecretError, YamlClientRegistry
 from mc_pipeline.resources.limits import fingerprint
@@ -37,7 +37,6 @@ from mc_pipeline.resources.ometria import DEFAULT_BASE_URL
 from mc_pipeline.run_guard import run_limits, wait_for_turn
 from mc_pipeline.tags import OMETRIA_ACCOUNT, account_tags, limited_values
 
-CONTACTS_KEY = AssetKey(["ometria", "contacts"])
 WATERMARK = "watermark"
 ARCHIVED_WATERMARK = "archived_watermark"
 DESTINATION = "destination"  # JSON: base_url, account, collection, key (fingerprint)

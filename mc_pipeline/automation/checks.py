@@ -17,7 +17,7 @@ from dagster import (
 )
 from dagster._utils.warnings import PreviewWarning
 
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.assets.watermarks import latest_events, latest_observation_after
 from mc_pipeline.dead_letters import CHECK_NAME, OUTSTANDING
 from mc_pipeline.partitions import MAILCHIMP_LISTS, mailchimp_lists

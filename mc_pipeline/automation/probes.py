@@ -34,9 +34,9 @@ from dagster import (
     SkipReason,
 )
 
+from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.assets.models import Destination
 from mc_pipeline.assets.watermarks import (
-    CONTACTS_KEY,
     Watermarks,
     destination_of,
     verification_metadata,

@@ -36,7 +36,7 @@ from dagster import (
     sensor,
 )
 
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.automation.registry_guard import CONFIRM_HINT, reading, shrink
 from mc_pipeline.jobs import sync_job, sync_run_config
 from mc_pipeline.partitions import MAILCHIMP_LISTS

@@ -117,7 +117,7 @@ def test_two_dagster_asset_materialize_of_one_list_never_sync_at_once(tmp_path: 
 
     from dagster import AssetRecordsFilter
 
-    from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+    from mc_pipeline.assets.keys import CONTACTS_KEY
     from mc_pipeline.jobs import sync_run_config
     from mc_pipeline.local import patched_environ, sandbox_environment
     from mc_pipeline.partitions import MAILCHIMP_LISTS

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
-from mc_pipeline.assets.mailchimp import latest_watermark
+from mc_pipeline.assets.watermarks import latest_watermark
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, settle, sync
 

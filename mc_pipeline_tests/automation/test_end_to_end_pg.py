@@ -19,7 +19,8 @@ from dagster import (
     build_sensor_context,
 )
 
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY, latest_watermark
+from mc_pipeline.assets.keys import CONTACTS_KEY
+from mc_pipeline.assets.watermarks import latest_watermark
 from mc_pipeline.automation.schedules import hourly_incremental_sync
 from mc_pipeline.automation.sensors import mailchimp_lists_sensor
 from mc_pipeline.definitions import defs

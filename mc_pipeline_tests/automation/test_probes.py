@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from dagster import AssetObservation, DagsterInstance, RunRequest, build_schedule_context
 
+from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.assets.models import Destination
 from mc_pipeline.assets.watermarks import (
-    CONTACTS_KEY,
     VERIFIED_AT,
     destination_of,
     latest_events,

@@ -22,7 +22,7 @@ from dagster import (
     build_sensor_context,
 )
 
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.automation import sensors as sensors_module
 from mc_pipeline.automation.sensors import mailchimp_lists_sensor, sync_failure_alerts
 from mc_pipeline.local import LocalEnvironment

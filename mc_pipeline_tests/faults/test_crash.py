@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus
 
-from mc_pipeline.assets.mailchimp import latest_watermark
+from mc_pipeline.assets.watermarks import latest_watermark
 from mc_pipeline.local import LocalEnvironment, patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import Latency, SandboxConfig

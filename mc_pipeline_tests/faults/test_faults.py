@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance
 
-from mc_pipeline.assets.mailchimp import latest_watermark
+from mc_pipeline.assets.watermarks import latest_watermark
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.resources import MailchimpResource, OmetriaResource
 from mc_pipeline.sandbox import Faults, Latency, SandboxConfig

@@ -33,7 +33,7 @@ from dagster import (
     build_run_status_sensor_context,
 )
 
-from mc_pipeline.assets.mailchimp import CONTACTS_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.automation.sensors import sync_failure_alerts
 from mc_pipeline.local import LocalEnvironment, patched_environ, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
