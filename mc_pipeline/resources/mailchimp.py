@@ -141,7 +141,7 @@ class MailchimpClient:
         give_up = partial(MailchimpUnavailable, client_id=self.client_id, list_id=list_id)
         return self.policy.call(attempt, stats, give_up, log=self.log, rng=self._rng)
 
-    def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats):
+    def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> Response:
         url = f"{self.base_url}{path}"
         with self.gate:  # the account's connection limit, shared by every thread of this process
             stats.add(calls=1)
