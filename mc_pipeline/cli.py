@@ -8,9 +8,18 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the imports stay lazy for start-up speed
+    from dagster import DagsterInstance
+
+    from mc_pipeline.automation.sensors import Desired
+    from mc_pipeline.registry import Client
+    from mc_pipeline.sandbox import SandboxConfig
+    from mc_pipeline.storage import PipelineStorage
 
 
-def _sandbox_config(args: argparse.Namespace):  # -> SandboxConfig (import kept lazy for start-up speed)
+def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
     import yaml
 
     from mc_pipeline.sandbox import Faults, Latency, SandboxConfig
@@ -96,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
-def _instance():
+def _instance() -> DagsterInstance:
     from dagster import DagsterInstance
 
     home = os.environ.get("DAGSTER_HOME")
@@ -188,7 +197,7 @@ def _list_registry_keys() -> int:
     return 1 if errors else 0
 
 
-def _desired(clients: list):  # -> DesiredPartitions, resolved as the sensor resolves them
+def _desired(clients: list[Client]) -> Desired:  # resolved as the sensor resolves them
     import time
 
     from mc_pipeline.automation.sensors import SensorCursor, desired_partitions
@@ -230,7 +239,7 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "") if items else "none"
 
 
-def _partition_problem(partition: str, registry: str | None, storage) -> tuple[int, str] | None:
+def _partition_problem(partition: str, registry: str | None, storage: PipelineStorage) -> tuple[int, str] | None:
     """Why a partition has no dead letters to show: (exit code, message), or None when it has a history.
 
     Unknown (not in the registry, not a partition of the Dagster instance) is an error; never

@@ -20,7 +20,7 @@ from mc_pipeline.storage import RUN_ID_RE, default_data_dir
 
 
 class StateIOManager(ConfigurableIOManager):
-    base_dir: str | None = Field(None, description="default: <data dir>/state")
+    base_dir: str | None = Field(default=None, description="default: <data dir>/state")
 
     def _root(self) -> Path:
         return Path(self.base_dir) if self.base_dir else default_data_dir() / "state"
@@ -32,12 +32,12 @@ class StateIOManager(ConfigurableIOManager):
                 client_id, list_id = parse_partition_key(context.asset_partition_key)
                 return self._root().joinpath(*parts, client_id, f"{list_id}.json")
             return self._root().joinpath(*parts, "unpartitioned.json")
-        run_id = context.run_id if isinstance(context, OutputContext) else context.upstream_output.run_id
-        if not RUN_ID_RE.match(run_id):
+        output = context if isinstance(context, OutputContext) else context.upstream_output
+        if output is None:
+            raise ValueError("an op input with no upstream output has no stored state")
+        if not RUN_ID_RE.match(output.run_id):
             raise ValueError("unsafe run id")
-        step = context.step_key if isinstance(context, OutputContext) else context.upstream_output.step_key
-        name = context.name if isinstance(context, OutputContext) else context.upstream_output.name
-        return self._root() / "ops" / run_id / f"{_safe(step)}.{_safe(name)}.json"
+        return self._root() / "ops" / output.run_id / f"{_safe(output.step_key)}.{_safe(output.name)}.json"
 
     def handle_output(self, context: OutputContext, obj: BaseModel) -> None:
         if obj is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -57,7 +57,7 @@ class SecretRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
+    env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN)
     file: str | None = None
 
     @model_validator(mode="after")
@@ -120,7 +120,7 @@ class ApiAccount(BaseModel):
 
     base_url: str | None = None
     allow_private_network: bool = Field(
-        False,
+        default=False,
         description="let base_url (and its DNS answers) be a private or link-local address, over http too: "
         "a proxy or the compose sandbox; never needed for the real APIs",
     )
@@ -139,10 +139,12 @@ class MailchimpAccount(ApiAccount):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     api_key: SecretRef
-    base_url: str | None = Field(None, description="overrides the datacenter URL, e.g. the sandbox's")
-    max_connections: int = Field(10, ge=1, le=10, description="Mailchimp allows 10 simultaneous per account")
+    base_url: str | None = Field(default=None, description="overrides the datacenter URL, e.g. the sandbox's")
+    max_connections: int = Field(default=10, ge=1, le=10, description="Mailchimp allows 10 simultaneous per account")
     account: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="names an account shared by several clients (run limits)",
     )
 
     _url = field_validator("base_url")(lambda v: _base_url(v))
@@ -157,10 +159,12 @@ class OmetriaAccount(ApiAccount):
     api_key: SecretRef
     base_url: str | None = None
     requests_per_second: float = Field(
-        8.0, gt=0, le=100.0, description="Ometria's push limit: 8 unless Ometria raised it for the plan"
+        default=8.0, gt=0, le=100.0, description="Ometria's push limit: 8 unless Ometria raised it for the plan"
     )
     account: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names an account shared by several clients (run limits)"
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="names an account shared by several clients (run limits)",
     )
     force_optin: bool = Field(
         default=False,
@@ -182,7 +186,7 @@ class Client(BaseModel):
     mailchimp: MailchimpAccount
     ometria: OmetriaAccount
     lists: list[ListId] | Literal["all"]
-    collection_prefix: str = Field("mailchimp", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    collection_prefix: str = Field(default="mailchimp", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
 
     @field_validator("lists")
     @classmethod
@@ -339,7 +343,7 @@ def _describe(path: Path, root: yaml.Node | None, data: object, exc: ValidationE
     return "invalid client registry:\n  " + "\n  ".join(lines)
 
 
-def _line_of(node: yaml.Node | None, loc: list[object]) -> int | None:
+def _line_of(node: yaml.Node | None, loc: Sequence[object]) -> int | None:
     best = node.start_mark.line + 1 if node is not None else None
     for part in loc:
         if isinstance(node, yaml.MappingNode):

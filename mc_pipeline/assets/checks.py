@@ -20,6 +20,7 @@ from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetKey,
     AssetRecordsFilter,
     DagsterInstance,
     MetadataValue,
@@ -34,7 +35,7 @@ from mc_pipeline.storage import RunFolder
 NAMED = 20  # missing members named in the description; the metadata lists up to 1,000
 
 
-def _latest_metadata(instance: DagsterInstance, key, partition: str) -> tuple[str | None, dict]:
+def _latest_metadata(instance: DagsterInstance, key: AssetKey, partition: str) -> tuple[str | None, dict[str, Any]]:
     records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
     for record in records.records:
         mat = record.asset_materialization

@@ -70,7 +70,7 @@ def _scheduled(context: ScheduleEvaluationContext) -> datetime:
 )
 def hourly_incremental_sync(
     context: ScheduleEvaluationContext, registry: ClientRegistryResource, mailchimp: MailchimpResource
-):
+) -> list[RunRequest] | SkipReason:
     return evaluate_tick(context, registry, mailchimp, CADENCE)[0]
 
 
@@ -82,7 +82,9 @@ def hourly_incremental_sync(
     default_status=DefaultScheduleStatus.RUNNING,
     description="Sundays 03:30 UTC, a full sync of every partition: reconciles what windows cannot see.",
 )
-def weekly_full_refresh(context: ScheduleEvaluationContext, registry: ClientRegistryResource):
+def weekly_full_refresh(
+    context: ScheduleEvaluationContext, registry: ClientRegistryResource
+) -> list[RunRequest] | SkipReason:
     return sync_requests(context, registry, "full_refresh", _scheduled(context).strftime("%G-W%V"), full=True)
 
 
@@ -100,5 +102,5 @@ freshness_check_job = define_asset_job(
     execution_timezone="UTC",
     default_status=DefaultScheduleStatus.RUNNING,
 )
-def freshness_checks(context: ScheduleEvaluationContext):
+def freshness_checks(context: ScheduleEvaluationContext) -> RunRequest:
     return RunRequest(run_key=_scheduled(context).strftime("freshness:%Y-%m-%dT%H:%M"))

@@ -248,10 +248,12 @@ class HttpSettings(ConfigurableResource):
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     deadline_s: float | None = Field(
-        None, gt=0, description="total time per request, answer included (default: connect + read timeouts)"
+        default=None, gt=0, description="total time per request, answer included (default: connect + read timeouts)"
     )
-    max_attempts: int = Field(6, ge=1, description="per request, for 5xx, timeouts, drops and unreadable bodies")
-    max_throttle_waits: int = Field(60, ge=0, description="per request, for throttling answers")
+    max_attempts: int = Field(
+        default=6, ge=1, description="per request, for 5xx, timeouts, drops and unreadable bodies"
+    )
+    max_throttle_waits: int = Field(default=60, ge=0, description="per request, for throttling answers")
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
 

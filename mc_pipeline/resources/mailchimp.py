@@ -141,7 +141,7 @@ class MailchimpClient:
         give_up = partial(MailchimpUnavailable, client_id=self.client_id, list_id=list_id)
         return self.policy.call(attempt, stats, give_up, log=self.log, rng=self._rng)
 
-    def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats):
+    def _get_once(self, path: str, params: dict[str, Any], *, list_id: str | None, stats: FetchStats) -> Response:
         url = f"{self.base_url}{path}"
         with self.gate:  # the account's connection limit, shared by every thread of this process
             stats.add(calls=1)
@@ -373,12 +373,16 @@ class MailchimpClient:
 class MailchimpResource(HttpSettings):
     """HTTP settings for every Mailchimp account; credentials come per client from the registry."""
 
-    page_size: int = Field(1000, ge=1, le=1000)
-    read_timeout_s: float = Field(60.0, description="a 1000-member page can take seconds on a big list")
-    max_connections: int | None = Field(None, ge=1, le=10, description="overrides the registry's per account")
-    page_overlap: int = Field(20, ge=0, le=500, description="members each page shares with the next (see fetch)")
-    max_passes: int = Field(3, ge=1, description="pagings of a window that kept shrinking before the run fails")
-    sweep_archived: bool = Field(True, description="also fetch members archived since the last sweep (opt-outs)")
+    page_size: int = Field(default=1000, ge=1, le=1000)
+    read_timeout_s: float = Field(default=60.0, description="a 1000-member page can take seconds on a big list")
+    max_connections: int | None = Field(default=None, ge=1, le=10, description="overrides the registry's per account")
+    page_overlap: int = Field(
+        default=20, ge=0, le=500, description="members each page shares with the next (see fetch)"
+    )
+    max_passes: int = Field(default=3, ge=1, description="pagings of a window that kept shrinking before the run fails")
+    sweep_archived: bool = Field(
+        default=True, description="also fetch members archived since the last sweep (opt-outs)"
+    )
 
     def client(self, client: Client, logger: Any = None, api_key: SecretStr | None = None) -> MailchimpClient:
         return MailchimpClient(

@@ -211,8 +211,8 @@ def _message(content: bytes) -> str | None:
 class OmetriaResource(HttpSettings):
     """HTTP settings for every Ometria account; credentials come per client from the registry."""
 
-    max_throttle_waits: int = Field(120, ge=0, description="per request, for 429s (rate and backlog)")
-    workers: int = Field(4, ge=1, le=16, description="batches in flight; the rate limiter bounds the rate")
+    max_throttle_waits: int = Field(default=120, ge=0, description="per request, for 429s (rate and backlog)")
+    workers: int = Field(default=4, ge=1, le=16, description="batches in flight; the rate limiter bounds the rate")
     max_dead_letter_share: float = Field(
         default=0.01, ge=0, le=1, description="above this share of a list in outstanding dead letters, its check fails"
     )
