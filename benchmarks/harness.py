@@ -320,9 +320,11 @@ def start_worker(
     name: str | None = None,
     timeout_s: float = 1800.0,
     barrier: bool = False,
+    cwd: Path = REPO,
 ) -> Worker:
     """`python -m benchmarks.workers TASK args.json out.json` in its own process group.
 
+    `cwd` is where `mc_pipeline` is imported from (a checkout of another commit: benchmarks/bound.py).
     With `barrier`, the worker touches a ready file once set up (imports done, data loaded) and
     then waits for `release()`, so concurrent workers start their measured work together.
     """
@@ -337,7 +339,7 @@ def start_worker(
         (workdir / "go").unlink(missing_ok=True)  # released together by `release()`
         args = {**args, "ready_file": str(ready), "go_file": str(workdir / "go")}
     args_path.write_text(json.dumps(args, indent=1))
-    proc = spawn([PY, "-m", "benchmarks.workers", task, str(args_path), str(out)], env=env, log=log)
+    proc = spawn([PY, "-m", "benchmarks.workers", task, str(args_path), str(out)], env=env, log=log, cwd=cwd)
     return Worker(task, proc, out, log, time.monotonic(), timeout_s, ready)
 
 

@@ -218,7 +218,12 @@ def extraction(ctx: Context) -> dict[str, Any]:
         bound = extraction_bound(page_bytes)
         latency = page_latency_s(page_bytes)
         throughput = run["members"] / run["wall_s"]
-        waves = 1 + math.ceil((run["pages"] - 1) / MC_CONNECTIONS)  # the first page alone, then 10 at a time
+        # The fetch's own schedule: a count (no member, base latency) then every page 10 at a time, or
+        # (before it, commit 735943c) the first page alone, then the rest 10 at a time.
+        if run["requests"] - run["retries"] > run["pages"]:
+            schedule_s = MC_BASE_MS / 1000 + math.ceil(run["pages"] / MC_CONNECTIONS) * latency
+        else:
+            schedule_s = (1 + math.ceil((run["pages"] - 1) / MC_CONNECTIONS)) * latency
         runs.append(
             {
                 "members": run["members"],
@@ -234,7 +239,7 @@ def extraction(ctx: Context) -> dict[str, Any]:
                 "latency_factor": r(latency / run["request_s_mean"]),
                 "slot_use": r(run["request_s_sum"] / (MC_CONNECTIONS * run["wall_s"])),
                 "first_page_share": r(run["first_page_s"] / run["wall_s"]),
-                "schedule_ceiling": r(run["members"] / (waves * latency) / bound),
+                "schedule_ceiling": r(run["members"] / schedule_s / bound),
                 "client_cpu_ms_per_page": r(run["cpu_s"] / run["pages"] * 1000, 2),
                 "client_cpu_us_per_member": r(run["cpu_s"] / run["fetched"] * 1e6, 2),
                 "retries": run["retries"],

@@ -28,6 +28,7 @@ from mc_pipeline.jobs import sync_run_config
 from mc_pipeline.local import LocalEnvironment, expected_contacts, ometria_differences
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import parse_partition_key
+from mc_pipeline.resources.paging import CLOCK_MARGIN_S
 from mc_pipeline.sandbox import Sandbox
 
 
@@ -56,10 +57,10 @@ def sync(
 def settle(sb: Sandbox) -> None:
     """Let the changes just made fall inside the next run's window, without waiting for it.
 
-    A change is stamped with the sandbox's clock to the second, and a window ends one second before
-    the Date of the run's first answer, also the sandbox's clock: one second on is exactly enough.
+    A change is stamped with the sandbox's clock to the second, and a window ends `CLOCK_MARGIN_S`
+    before the Date of the run's first answer, also the sandbox's clock: that many seconds on is exactly enough.
     """
-    sb.clock.advance(1)
+    sb.clock.advance(CLOCK_MARGIN_S)
 
 
 def set_ometria_rate(env: LocalEnvironment, sandbox_per_second: int = 1000, client_per_second: float = 100) -> None:

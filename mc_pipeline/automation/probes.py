@@ -47,12 +47,8 @@ from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import Client, RegistryError, YamlClientRegistry, parse_partition_key
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.mailchimp import MailchimpClient
+from mc_pipeline.resources.paging import bound_before
 from mc_pipeline.tags import MAILCHIMP_ACCOUNT, PARTITION, account_tags, run_tags
-
-# A probe's bound is Mailchimp's clock at its answer (the Date header, whole seconds) minus this:
-# a change committed after the count was evaluated is stamped no earlier than the second of the
-# evaluation, which is at least the Date's second minus one when the answer takes under a second.
-PROBE_MARGIN_S = 2
 
 RECORD_THREADS = 4
 
@@ -218,7 +214,7 @@ def _iso(when: datetime | None) -> str:
 
 
 def _bound(clock: datetime, since: datetime | None) -> datetime:
-    bound = clock.replace(microsecond=0) - timedelta(seconds=PROBE_MARGIN_S)
+    bound = bound_before(clock)  # the syncs' margin (resources/mailchimp.py): one home
     return max(bound, since) if since is not None else bound
 
 

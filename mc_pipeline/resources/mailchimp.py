@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -35,12 +35,17 @@ from mc_pipeline.resources.errors import (
 from mc_pipeline.resources.http import TRANSIENT, HttpSettings, RequestRefused, json_object, pooled_session, server_time
 from mc_pipeline.resources.limits import account_gate, fingerprint
 from mc_pipeline.resources.paging import (
+    MEMBER_FIELDS as MEMBER_FIELDS,
+)
+from mc_pipeline.resources.paging import (
+    MEMBERS_FIELDS_PARAM,
     FetchResult,
     FetchStats,
     OpenSweep,
     Page,
     PageWriter,
     SweepResult,
+    bound_before,
     covered,
     gaps_below,
     next_offsets,
@@ -50,27 +55,6 @@ from mc_pipeline.resources.retry import HttpRetryPolicy, Retryable, retry_after
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# What the transform reads; the payload is most of a page's cost, so nothing else is asked for.
-MEMBER_FIELDS: tuple[str, ...] = (
-    "id",
-    "email_address",
-    "unique_email_id",
-    "contact_id",
-    "full_name",
-    "status",
-    "merge_fields",
-    "timestamp_signup",
-    "timestamp_opt",
-    "last_changed",
-    "language",
-    "vip",
-    "member_rating",
-    "location.country_code",
-    "source",
-    "tags",
-)
-MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["total_items"])
 
 
 def datacenter_url(api_key: str) -> str:
@@ -197,16 +181,23 @@ class MailchimpClient:
     def changed_since(self, list_id: str, since: datetime | None, status: str | None = None) -> tuple[int, datetime]:
         """One request, no member: how many members of the window (since, now] there are, and Mailchimp's
         clock (the Date header) when it answered. The schedule's probe (automation/probes.py)."""
-        params: dict[str, Any] = {"count": 1, "fields": "total_items"}
-        if since is not None:
-            params["since_last_changed"] = since.isoformat(timespec="seconds")
-        if status is not None:
-            params["status"] = status
-        resp = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=FetchStats())
-        total = resp.data.get("total_items") if isinstance(resp.data, dict) else None
-        if not isinstance(total, int) or resp.server_time is None:
+        total, clock = self._count(list_id, since, None, status, FetchStats())
+        if clock is None:
             raise MailchimpUnavailable(
-                "the probe's answer has no total_items or no Date header", client_id=self.client_id, list_id=list_id
+                "the probe's answer has no Date header", client_id=self.client_id, list_id=list_id
+            )
+        return total, clock
+
+    def _count(
+        self, list_id: str, since: datetime | None, before: datetime | None, status: str | None, stats: FetchStats
+    ) -> tuple[int, datetime | None]:
+        """A window's size and Mailchimp's clock, from one request of a count and no member."""
+        params = {**window_params(since, before, status, sort=False), "count": 1, "fields": "total_items"}
+        resp = self.get(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats)
+        total = resp.data.get("total_items") if isinstance(resp.data, dict) else None
+        if not isinstance(total, int):
+            raise MailchimpUnavailable(
+                "the count's answer has no total_items", client_id=self.client_id, list_id=list_id
             )
         return total, resp.server_time
 
@@ -224,16 +215,21 @@ class MailchimpClient:
         """Every member whose last_changed is in (since, before], and with `sweep_archived` every
         archived one in (archived_since, before]: each page goes to `pages` as it arrives.
 
-        The members' first page is the probe: a revoked key or a deleted list fails on that one
+        The members' first request is the probe: a revoked key or a deleted list fails on that one
         request. Once it has answered, the archived sweep (usually a page or two) runs alongside
-        the remaining pages; both share the account's connections (one gate per account).
+        the members' pages; both share the account's connections (one gate per account).
 
-        When `before` is not given, each sweep asks for its first page without an upper bound and
-        its window ends one second before Mailchimp's own clock (its Date header) at that request:
-        every change Mailchimp makes after the run began is stamped later, whatever the skew
-        between its clock and ours, so it falls in the next window, never in a gap.
+        When `before` is not given, each sweep's first request has no upper bound and its window
+        ends `CLOCK_MARGIN_S` before Mailchimp's own clock (its Date header) at that answer: every
+        change Mailchimp makes after the run began is stamped later, whatever the skew between its
+        clock and ours, so it falls in the next window, never in a gap.
+
+        A full sync's first request is a count (`count=1`, no member): it fixes the bound and gives
+        the window's size, so every page, the first included, starts at once and the account's
+        connections are all busy from the start. An incremental window is usually one page: its
+        first page is its first request.
         """
-        members = self._open(list_id, None, since, before, before_fallback, pages)  # the probe
+        members = self._open(list_id, None, since, before, before_fallback, pages, count_first=since is None)
         with ThreadPoolExecutor(1, thread_name_prefix=f"mc-archived-{list_id}") as pool:
             archived = None
             if sweep_archived:
@@ -250,39 +246,49 @@ class MailchimpClient:
         before: datetime | None,
         before_fallback: datetime | None,
         pages: PageWriter,
+        count_first: bool = False,
     ) -> OpenSweep:
-        """A sweep's first page, written; the window's upper bound fixed from it if not given."""
+        """A sweep's first request (its count, or its first page, written); the window's upper bound
+        fixed from it if not given."""
         stats, started = FetchStats(), time.monotonic()
-        first = self._page(list_id, 0, window_params(since, before, status), stats)
+        first: Page | None = None
+        if count_first:
+            total, clock = self._count(list_id, since, before, status, stats)
+        else:
+            first = self._page(list_id, 0, window_params(since, before, status), stats)
+            total, clock = first.total_items, first.server_time
         if before is None:
-            clock = first.server_time or before_fallback or datetime.now(UTC)
-            before = clock.replace(microsecond=0) - timedelta(seconds=1)
-        opened = OpenSweep(list_id, status or "members", status, since, before, first, stats, started)
-        pages.write_page(opened.kind, 0, first.offset, first.raw)
+            before = bound_before(clock or before_fallback or datetime.now(UTC))
+        opened = OpenSweep(list_id, status or "members", status, since, before, total, first, stats, started)
+        if first is not None:
+            pages.write_page(opened.kind, 0, first.offset, first.raw)
         return opened
 
     def _page_all(self, sweep: OpenSweep, pages: PageWriter) -> SweepResult:
-        """The rest of a sweep's window, concurrently, after its first page.
+        """The rest of a sweep's window, concurrently, after its first request.
 
         Why no member is skipped although offsets move under concurrent changes: with both
         bounds fixed, a change can only take a member *out* of the window (its new last_changed
         is past `before`), so the window only shrinks and a member's position only decreases,
-        by at most the shrink. Pages overlap by `overlap` members; if the window shrank by no
-        more than that between the first and the last page evaluated, every member that stayed
-        was on some page. Otherwise the window is paged again, with a wider overlap. A page that
-        returns fewer members than its own total promises leaves positions no page read (a gap):
-        the window is paged again too; the counts of the last pass are in the result.
+        by at most the shrink: the largest total_items any page of a pass saw (the earliest
+        evaluated) less the smallest. Pages overlap by `overlap` members; if the window shrank by
+        no more than that during the pass, every member that stayed was on some page. Otherwise
+        the window is paged again, with a wider overlap. A page that returns fewer members than
+        its own total promises leaves positions no page read (a gap): the window is paged again
+        too; the counts of the last pass are in the result. A count taken before the bound was
+        fixed is at least the window's size (the window only shrinks), so its pages reach the end.
         """
-        list_id, stats = sweep.list_id, sweep.stats
-        total_first = total_last = sweep.first.total_items
+        list_id, stats, first = sweep.list_id, sweep.stats, sweep.first
         overlap = min(self.overlap, self.page_size - 1)
-        passes = 1
-        spans = [(0, sweep.first.members)]  # (offset, rows) of this pass's pages: which positions were read
+        passes, size = 1, sweep.total  # `size`: at least the window's size now, which offsets must reach
+        spans = [(0, first.members)] if first is not None else []  # (offset, rows): which positions were read
         window = sweep.params()
         while True:
-            smallest, read = self._fetch_concurrently(
-                sweep, next_offsets(total_first, self.page_size, overlap), window, passes - 1, pages
-            )
+            offsets = next_offsets(size, self.page_size, overlap)
+            if first is None:
+                offsets.insert(0, 0)
+            largest, smallest, read = self._fetch_concurrently(sweep, offsets, window, passes - 1, pages)
+            total_first = max(largest, first.total_items) if first is not None else largest
             total_last = min(total_first, smallest)
             spans += read
             gaps = gaps_below(spans, total_last)
@@ -304,10 +310,7 @@ class MailchimpClient:
             self.log.warning(f"Mailchimp {self.client_id} list {list_id}: {cause}; paging it again")
             passes += 1
             overlap = min(max(overlap, 2 * (total_first - total_last)), self.page_size // 2)
-            again = self._page(list_id, 0, window, stats)
-            pages.write_page(sweep.kind, passes - 1, again.offset, again.raw)
-            total_first = again.total_items
-            spans = [(0, again.members)]
+            first, size, spans = None, total_last, []  # every page of the next pass at once
         stats.seconds = time.monotonic() - sweep.started
         return SweepResult(
             sweep.since, sweep.before, sweep.status, total_first, total_last, passes, overlap, stats, covered(spans)
@@ -315,22 +318,22 @@ class MailchimpClient:
 
     def _fetch_concurrently(
         self, sweep: OpenSweep, offsets: list[int], window: dict[str, Any], pass_no: int, pages: PageWriter
-    ) -> tuple[int, list[tuple[int, int]]]:
-        """Fetch `offsets` with at most the account's connections in flight: the smallest total seen,
-        and each page's (offset, rows). Logs progress every 10 s."""
-        smallest = [1 << 62]
+    ) -> tuple[int, int, list[tuple[int, int]]]:
+        """Fetch `offsets` with at most the account's connections in flight: the largest and the
+        smallest total seen, and each page's (offset, rows). Logs progress every 10 s."""
+        totals: list[int] = []
         read: list[tuple[int, int]] = []
         lock = threading.Lock()
 
         def fetch(offset: int) -> None:
             page = self._page(sweep.list_id, offset, window, sweep.stats)
             with lock:
-                smallest[0] = min(smallest[0], page.total_items)
+                totals.append(page.total_items)
                 read.append((offset, page.members))
             pages.write_page(sweep.kind, pass_no, offset, page.raw)
 
         if not offsets:
-            return smallest[0], read
+            return 0, 1 << 62, read
         with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{sweep.list_id}") as pool:
             pending = {pool.submit(fetch, off) for off in offsets}
             while pending:
@@ -341,8 +344,8 @@ class MailchimpClient:
                         for other in pending:
                             other.cancel()
                         raise exc
-                self._progress(sweep, len(offsets) + 1)
-        return smallest[0], read
+                self._progress(sweep, len(offsets) + (sweep.first is not None))
+        return max(totals), min(totals), read
 
     def _progress(self, sweep: OpenSweep, pass_pages: int) -> None:
         if time.monotonic() - sweep.logged < 10:

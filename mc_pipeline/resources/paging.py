@@ -12,10 +12,42 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from mc_pipeline.resources.retry import CallStats
+
+# What the transform reads; the payload is most of a page's cost, so nothing else is asked for.
+MEMBER_FIELDS: tuple[str, ...] = (
+    "id",
+    "email_address",
+    "unique_email_id",
+    "contact_id",
+    "full_name",
+    "status",
+    "merge_fields",
+    "timestamp_signup",
+    "timestamp_opt",
+    "last_changed",
+    "language",
+    "vip",
+    "member_rating",
+    "location.country_code",
+    "source",
+    "tags",
+)
+MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["total_items"])
+
+# A window's upper bound is Mailchimp's clock at an answer (the Date header, whole seconds) minus this, for
+# the schedule's probes and the syncs alike: a change committed after the request was evaluated is stamped
+# no earlier than the second of the evaluation, which is at least the Date's second minus one when the
+# answer takes under a second; so the bound is before every such change, which falls in the next window.
+CLOCK_MARGIN_S = 2
+
+
+def bound_before(clock: datetime) -> datetime:
+    """The latest upper bound a window may have, given Mailchimp's clock at an answer."""
+    return clock.replace(microsecond=0) - timedelta(seconds=CLOCK_MARGIN_S)
 
 
 @dataclass
@@ -38,14 +70,16 @@ class FetchStats(CallStats):
 
 @dataclass
 class OpenSweep:
-    """A sweep whose first page has answered: its fixed window and its counters so far."""
+    """A sweep whose first request has answered: its fixed window, its size then (`total`), its first
+    page if that request was one (else a count), and its counters so far."""
 
     list_id: str
     kind: str  # "members" or "archived": the pages' file names
     status: str | None
     since: datetime | None
     before: datetime
-    first: Page
+    total: int
+    first: Page | None
     stats: FetchStats
     started: float
     logged: float = field(default_factory=time.monotonic)  # when progress was last logged
@@ -54,9 +88,12 @@ class OpenSweep:
         return window_params(self.since, self.before, self.status)
 
 
-def window_params(since: datetime | None, before: datetime | None, status: str | None) -> dict[str, Any]:
-    """The query of a window, ordered by last_changed so pages are chronological and a window is a stable slice."""
-    params: dict[str, Any] = {"sort_field": "last_changed", "sort_dir": "ASC"}
+def window_params(
+    since: datetime | None, before: datetime | None, status: str | None, sort: bool = True
+) -> dict[str, Any]:
+    """The query of a window, ordered by last_changed so pages are chronological and a window is a stable
+    slice (a count needs no order)."""
+    params: dict[str, Any] = {"sort_field": "last_changed", "sort_dir": "ASC"} if sort else {}
     if since is not None:
         params["since_last_changed"] = since.isoformat(timespec="seconds")
     if before is not None:

@@ -6,7 +6,7 @@ import gzip
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -78,12 +78,12 @@ def test_pages_cover_the_list_with_the_configured_overlap_and_only_the_needed_fi
     assert total == len(expected) and set(ids) == expected
     assert sorted(p.offset for p in pages) == [0, 980, 1960]  # each page shares 20 members with the next
     assert len(ids) == len(expected) + 2 * 20
-    assert stats.calls == 3 and stats.retries == 0
+    assert stats.calls == 1 + 3 and stats.retries == 0  # the count that fixes the bound, then the pages
     _, _, pages, ids = collect(small_env, list_id, MailchimpResource(page_overlap=0))
     assert sorted(p.offset for p in pages) == [0, 1000, 2000] and sorted(ids) == sorted(expected)
-    log = sb.request_log("mailchimp:client-1")
+    log = [r for r in sb.request_log("mailchimp:client-1") if r.query["count"] != "1"]  # the pages, not the counts
     assert {r.query["fields"] for r in log} == {MEMBERS_FIELDS_PARAM}
-    assert {r.query["count"] for r in log} == {"1000"}
+    assert {r.query["count"] for r in log} == {"1000"} and len(log) == 6
     first = orjson.loads(pages[0].raw)["members"][0]
     assert "_links" not in first and "stats" not in first and set(first["location"]) == {"country_code"}
 
@@ -132,7 +132,7 @@ def test_throttling_and_transient_faults_are_retried(small_env: LocalEnvironment
     stats, total, _, ids = collect(small_env, list_id)
     assert total == len(set(ids)) == len(sb.mailchimp_list(list_id).members(include_archived=False))
     assert stats.retries == 7 and stats.throttled == 2
-    assert stats.calls == 3 + 7
+    assert stats.calls == 1 + 3 + 7
     assert sb.stats("mailchimp:client-1")["peak_in_flight"] <= 10
 
 
@@ -310,9 +310,9 @@ def test_a_fetch_writes_both_sweeps_into_the_run_folder(small_env: LocalEnvironm
 
     assert ids("members") == listed and ids("archived") == archived and archived
     assert fetched.archived is not None and fetched.archived.members == len(archived)
-    assert fetched.members.members == len(listed) and fetched.total("pages") == fetched.total("calls") == 4
+    assert fetched.members.members == len(listed) and fetched.total("pages") == fetched.total("calls") - 1 == 4
     log = sb.request_log("mailchimp:client-1")
-    assert "status" not in log[0].query  # the members' first page is the probe
+    assert "status" not in log[0].query and log[0].query["count"] == "1"  # the members' count is the probe
     assert [r.query.get("status") for r in log].count("archived") == 1
 
 
@@ -320,3 +320,33 @@ def test_a_bad_probe_starts_no_archived_sweep(small_env: LocalEnvironment, tmp_p
     with client_of(small_env) as mc, pytest.raises(MailchimpNotFound):
         mc.fetch("00000000ff", RunFolder(tmp_path / "run"), since=None)
     assert small_env.sandbox.stats("mailchimp:client-1")["requests"] == 1
+
+
+def test_a_full_sync_starts_every_page_at_once_after_a_count(small_env: LocalEnvironment) -> None:
+    """The first request is a count (no member): it fixes the bound, then the first page goes with the
+    others, so the account's 10 connections are busy from the start (not one page alone, then 10)."""
+    sb = small_env.sandbox
+    sb.state.config.mailchimp.latency = Latency(base_ms=60)
+    list_id = sb.client("client-1").list_ids[1]
+    stats, _, written, ids = collect(small_env, list_id, MailchimpResource(page_size=100, backoff_base_s=0.01))
+    assert set(ids) == {m["id"] for m in sb.mailchimp_list(list_id).members(include_archived=False)}
+    count, *pages = sb.request_log("mailchimp:client-1")
+    assert count.query["count"] == "1" and count.query["fields"] == "total_items"
+    assert "before_last_changed" not in count.query and all("before_last_changed" in p.query for p in pages)
+    first_done = min(p.ended for p in pages)
+    assert sum(p.started < first_done for p in pages) == 10  # page 0 among the first 10, none waited for it
+    assert stats.calls == 1 + len(written) and 0 in {p.offset for p in written}
+
+
+def test_the_window_ends_the_clock_margin_before_the_first_answer(small_env: LocalEnvironment) -> None:
+    """Whole-second Date headers: a change after the first request's evaluation may be stamped the Date's
+    second minus one, so the bound is CLOCK_MARGIN_S (2 s) before it, as the schedule's probes use."""
+    from mc_pipeline.resources.paging import CLOCK_MARGIN_S
+
+    sb = small_env.sandbox
+    when = datetime(2033, 4, 5, 6, 7, 8, tzinfo=UTC)
+    sb.clock.set(when.timestamp() + 0.2)  # the answer comes well within the second `when`
+    list_id = sb.client("client-1").list_ids[0]
+    with client_of(small_env) as mc:
+        fetched = mc.fetch(list_id, Pages(), since=None, sweep_archived=False).members
+    assert CLOCK_MARGIN_S == 2 and fetched.before == when - timedelta(seconds=2)
