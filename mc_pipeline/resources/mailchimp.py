@@ -70,6 +70,7 @@ MEMBER_FIELDS: tuple[str, ...] = (
     "source",
     "tags",
 )
+LISTS_FIELDS = "lists.id,lists.name,lists.stats.member_count,total_items"
 MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["total_items"])
 
 
@@ -182,17 +183,18 @@ class MailchimpClient:
         stats = FetchStats()
         offset = 0
         while True:
-            data = self.get(
-                "/lists",
-                {"count": 1000, "offset": offset, "fields": "lists.id,lists.name,lists.stats.member_count,total_items"},
-                list_id=None,
-                stats=stats,
-            ).data
+            params = {"count": 1000, "offset": offset, "fields": LISTS_FIELDS}
+            data = self.get("/lists", params, list_id=None, stats=stats).data
             batch = data.get("lists") or []
             out.extend(batch)
             offset += len(batch)
             if not batch or offset >= int(data.get("total_items", 0)):
                 return out
+
+    def list_name(self, list_id: str) -> str:
+        """The audience's name, for the UI (partition keys are ids): one small request a run."""
+        data = self.get(f"/lists/{list_id}", {"fields": "name"}, list_id=list_id, stats=FetchStats()).data
+        return str(data.get("name") or "") if isinstance(data, dict) else ""
 
     def changed_since(self, list_id: str, since: datetime | None, status: str | None = None) -> tuple[int, datetime]:
         """One request, no member: how many members of the window (since, now] there are, and Mailchimp's
