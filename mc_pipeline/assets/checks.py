@@ -151,7 +151,8 @@ with warnings.catch_warnings():
         problems = reconcile(pages, members, contacts)
         folder = contacts.get("run_folder")
         missing = missing_members(RunFolder(Path(folder)), set(problems)) if problems and folder else []
-        description = "; ".join(problems.values())
+        name = str(contacts.get("list_name") or "")
+        description = f"{name}: " * bool(problems and name) + "; ".join(problems.values())
         if missing:
             more = f" and {len(missing) - NAMED} more" if len(missing) > NAMED else ""
             description += f"; missing members: {', '.join(missing[:NAMED])}{more}"
@@ -159,6 +160,7 @@ with warnings.catch_warnings():
             passed=not problems,
             description=description or None,
             metadata={
+                "list_name": name,
                 "mailchimp_total_first": pages["total_items"],
                 "mailchimp_total_last": pages["total_items_at_end"],
                 "archived": pages.get("archived_total_items", 0),
