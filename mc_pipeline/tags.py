@@ -39,13 +39,14 @@ def run_tags(client: Client, kind: str) -> dict[str, str]:
     return {**account_tags(client), SYNC_KIND: kind}
 
 
-def started_tags(tags: Mapping[str, str], full_refresh: bool, list_name: str) -> dict[str, str]:
+def started_tags(tags: Mapping[str, str], full_refresh: bool, incremental: bool, list_name: str) -> dict[str, str]:
     """What a run adds as it starts: the list's name, and its sync kind when its launcher set none
     (a backfill or the launchpad: Dagster's partition tags override a request's, so `partition_tags`
-    cannot carry a kind without erasing the sensor's "initial"); named as the schedules name theirs."""
+    cannot carry a kind without erasing the sensor's "initial"), named as the sensor and schedules
+    name theirs: a full refresh asked for, an incremental window, else the list's initial (full) sync."""
     added = {LIST_NAME: list_name} if list_name and tags.get(LIST_NAME) != list_name else {}
     if not tags.get(SYNC_KIND):
-        added[SYNC_KIND] = "full_refresh" if full_refresh else "incremental"
+        added[SYNC_KIND] = "full_refresh" if full_refresh else "incremental" if incremental else "initial"
     return added
 
 

@@ -142,7 +142,7 @@ def member_pages(
             name = list_name(context, mc, list_id, refresh=since is None)
     except ApiError as exc:
         raise failure(exc) from None
-    context.instance.add_run_tags(run_id, started_tags(context.run.tags, config.full_refresh, name))
+    context.instance.add_run_tags(run_id, started_tags(context.run.tags, config.full_refresh, since is not None, name))
     window = fetched_window(fetched, archived_since)
     run = RunFiles(
         partition=partition,
