@@ -21,8 +21,11 @@ PARTITION = "dagster/partition"  # Dagster's own: on every run of a partition, h
 # One run in progress per value of each. Tag limits, not pools: a pool limits ops, and these hold a whole
 # run (the three assets and the account's rate) per list and per account, whatever launched it.
 LIMITED_TAGS = (PARTITION, MAILCHIMP_ACCOUNT, OMETRIA_ACCOUNT)
-RUN_HOST = "mc_pipeline/host"  # where a sync's process runs, set as it starts (run_guard.py), so
-RUN_PID = "mc_pipeline/pid"  # a run killed outright (SIGKILL, OOM) is known gone, not waited for
+# Where a sync's process runs, set as it starts (run_guard.py), so a run killed outright (SIGKILL, OOM)
+# is known gone, not waited for. Bookkeeping nobody filters by: Dagster's hidden-tag prefix keeps them
+# out of the UI's tag chips (Dagster's own run-worker and gRPC tags use it for the same reason).
+RUN_HOST = ".dagster/mc_pipeline_host"
+RUN_PID = ".dagster/mc_pipeline_pid"
 
 
 def account_tags(client: Client) -> dict[str, str]:
