@@ -10,7 +10,6 @@ from dagster import (
     AssetCheckKey,
     AssetSelection,
     PartitionedConfig,
-    RunConfig,
     define_asset_job,
     in_process_executor,
 )
@@ -29,9 +28,10 @@ PAGES_OP = "__".join(PAGES_KEY.path)  # the op name Dagster gives the asset mail
 
 def sync_run_config(full_refresh: bool = False, push_all: bool = False) -> dict[str, Any]:
     """The run config of a sync, built from the typed `SyncConfig` (a misspelt field fails here, not in
-    the launched run); as a dict, since partitioned configs, the CLI and stored runs hold dicts."""
-    typed = RunConfig(ops={PAGES_OP: SyncConfig(full_refresh=full_refresh, push_all=push_all)})
-    return {"ops": typed.to_config_dict()["ops"]}
+    the launched run); as the dict the README's `--config-json` shows: the kind, and what differs from
+    the defaults (a `RunConfig` would spell out every default in each run's config)."""
+    typed = SyncConfig(full_refresh=full_refresh, push_all=push_all)
+    return {"ops": {PAGES_OP: {"config": {"full_refresh": full_refresh, **typed.model_dump(exclude_defaults=True)}}}}
 
 
 def partition_tags(partition_key: str) -> dict[str, str]:
