@@ -3,12 +3,14 @@ materialization with its row count, column schema and the list's name; every sch
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
 from dagster import DagsterInstance, TableSchema
 
 from mc_pipeline.assets.metadata import human_bytes
+from mc_pipeline.automation.checks import dead_letter_state, stale_partitions
 from mc_pipeline.definitions import defs
 from mc_pipeline.jobs import SYNC_JOB
 from mc_pipeline.local import LocalEnvironment
@@ -51,6 +53,10 @@ def test_a_sync_records_row_count_column_schema_and_list_name_on_every_asset(
     assert run_tags[LIST_NAME] == name and run_tags[SYNC_KIND] == "initial"
     check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "counts_reconcile")
     assert check.passed and check.metadata["list_name"].value == name
+    # The per-list checks read it back: the freshness table names the list, the dead-letter check too.
+    [(_, stale_name, *_)] = stale_partitions(instance, time.time() + 3 * 3600)
+    assert stale_name == name
+    assert (dead_letter_state(instance, key) or {})["list_name"] == name
 
     small_env.sandbox.clock.advance(1)
     again = sync(instance, key)
