@@ -75,7 +75,7 @@ def read_page_json(raw: bytes) -> pa.Table:
 
 def make_pages(n_pages: int, seed: int = 42) -> list[tuple[int, bytes]]:
     """(offset, raw page) as the sandbox serves them: 1,000 members a page, 20 shared with the next."""
-    from mc_pipeline.resources.mailchimp import MEMBER_FIELDS
+    from mc_pipeline.resources.paging import MEMBER_FIELDS
     from mc_pipeline.sandbox.fields import parse_paths, project
     from mc_pipeline.sandbox.generate import MemberFactory
 

@@ -15,45 +15,15 @@ if TYPE_CHECKING:  # annotations only: the imports stay lazy for start-up speed
 
     from mc_pipeline.automation.sensors import Desired
     from mc_pipeline.registry import Client
-    from mc_pipeline.sandbox import SandboxConfig
     from mc_pipeline.storage import PipelineStorage
-
-
-def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
-    import yaml
-
-    from mc_pipeline.sandbox import Faults, Latency, SandboxConfig
-
-    # The seed goes in before validation: keys and list ids that are not given derive from it.
-    if args.config:
-        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        if args.seed is not None:
-            data["seed"] = args.seed
-        config = SandboxConfig.model_validate(data)
-    else:
-        sizes = [int(x) for x in str(args.members).split(",") if x]
-        seed = 42 if args.seed is None else args.seed
-        config = SandboxConfig.generated(clients=args.clients, lists_per_client=args.lists, members=sizes, seed=seed)
-    overrides = {"host": args.host}
-    if args.port is not None:
-        overrides["port"] = args.port
-    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    if args.mc_latency_ms is not None or args.mc_per_kb_ms is not None:
-        config.mailchimp.latency = Latency(base_ms=args.mc_latency_ms or 0, per_kb_ms=args.mc_per_kb_ms or 0)
-    if args.om_latency_ms is not None:
-        config.ometria.latency = Latency(base_ms=args.om_latency_ms)
-    if args.error_rate or args.drop_rate or args.truncate_rate:
-        rates = Faults(error_rate=args.error_rate, drop_rate=args.drop_rate, truncate_rate=args.truncate_rate)
-        config.mailchimp.faults = rates
-        config.ometria.faults = rates
-    return config
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from mc_pipeline.sandbox import serve_forever
+    from mc_pipeline.sandbox.config import config_from_args
     from mc_pipeline.sandbox.registry import write_pipeline_files
 
-    config = _sandbox_config(args)
+    config = config_from_args(args)
     port = config.port or 8080
     config = config.model_copy(update={"port": port})
     public = args.public_url or f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '') else config.host}:{port}"

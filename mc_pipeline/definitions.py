@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, EnvVar, in_process_executor
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from dagster import (
+    AnchorBasedFilePathMapping,
+    AssetsDefinition,
+    Definitions,
+    EnvVar,
+    in_process_executor,
+    link_code_references_to_git,
+    with_source_code_references,
+)
+from dagster._utils.warnings import BetaWarning
 
 from mc_pipeline.assets import ASSETS
 from mc_pipeline.automation import CHECKS, JOBS, SCHEDULES, SENSORS
@@ -22,8 +36,25 @@ def resources() -> dict[str, object]:
     }
 
 
+def code_referenced(assets: Sequence[AssetsDefinition]) -> list:
+    """Each asset links to its source: the local file, or with `MC_PIPELINE_GIT_URL` (and
+    `MC_PIPELINE_GIT_BRANCH`, default main) the file in the repository's web view."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BetaWarning)  # code references are beta in Dagster 1.13
+        referenced = with_source_code_references(assets)
+        url = os.environ.get("MC_PIPELINE_GIT_URL")
+        if not url:
+            return list(referenced)
+        anchor = Path(__file__)
+        mapping = AnchorBasedFilePathMapping(
+            local_file_anchor=anchor, file_anchor_path_in_repository=f"mc_pipeline/{anchor.name}"
+        )
+        branch = os.environ.get("MC_PIPELINE_GIT_BRANCH", "main")
+        return list(link_code_references_to_git(referenced, git_url=url, git_branch=branch, file_path_mapping=mapping))
+
+
 defs = Definitions(
-    assets=ASSETS,
+    assets=code_referenced(ASSETS),
     asset_checks=CHECKS,
     jobs=[sync_job, *JOBS],
     sensors=SENSORS,

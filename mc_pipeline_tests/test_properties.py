@@ -225,7 +225,7 @@ def test_the_parser_equals_a_per_member_reference(page: list[Any]) -> None:
 
 def test_real_pages_equal_the_reference() -> None:
     """A page as the sandbox serves it (the pipeline's fields): no dead letters, the reference's rows."""
-    from mc_pipeline.resources.mailchimp import MEMBER_FIELDS
+    from mc_pipeline.resources.paging import MEMBER_FIELDS
     from mc_pipeline.sandbox.fields import parse_paths, project
     from mc_pipeline.sandbox.generate import MemberFactory
 

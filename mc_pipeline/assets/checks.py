@@ -155,11 +155,13 @@ with warnings.catch_warnings():
         problems = reconcile(pages, members, contacts)
         folder = contacts.get("run_folder")
         missing = missing_members(RunFolder(Path(folder)), set(problems)) if problems and folder else []
-        description = _describe(problems, missing)
+        name = str(contacts.get("list_name") or "")
+        description = f"{name}: " * bool(problems and name) + _describe(problems, missing)
         return AssetCheckResult(
             passed=not problems,
             description=description or None,
             metadata={
+                "list_name": name,
                 "mailchimp_total_first": pages["total_items"],
                 "mailchimp_total_last": pages["total_items_at_end"],
                 "archived": pages.get("archived_total_items", 0),

@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import (
     AssetExecutionContext,
     AssetIn,
+    AssetRecordsFilter,
     Config,
     DagsterInstance,
     Failure,
@@ -18,8 +19,16 @@ from dagster import (
 )
 from pydantic import Field, SecretStr
 
-from mc_pipeline.assets.keys import GROUP, MEMBERS_KEY, PAGES_KEY
-from mc_pipeline.assets.metadata import fetch_summary, fetched_window, page_set, pages_metadata, parquet_metadata
+from mc_pipeline.assets.keys import GROUP, MEMBERS_KEY, OWNERS, PAGES_KEY
+from mc_pipeline.assets.metadata import (
+    PAGE_SCHEMA,
+    fetch_summary,
+    fetched_window,
+    page_set,
+    pages_metadata,
+    parquet_metadata,
+    table_schema,
+)
 from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers
 from mc_pipeline.assets.watermarks import begin_sync
 from mc_pipeline.dead_letters import write_run_file
@@ -27,9 +36,11 @@ from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.registry import Client
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
+from mc_pipeline.resources.mailchimp import MailchimpClient
 from mc_pipeline.resources.paging import FetchResult
 from mc_pipeline.staging import STAGING_SCHEMA, StagingSummary, StagingWriter
 from mc_pipeline.storage import PipelineStorage, RunFolder
+from mc_pipeline.tags import started_tags
 
 
 class SyncConfig(Config):
@@ -67,11 +78,30 @@ def failure(exc: ApiError) -> Failure:
     )
 
 
+def list_name(context: AssetExecutionContext, mc: MailchimpClient, list_id: str, refresh: bool) -> str:
+    """Mailchimp's name of the list, for the UI: asked on a full sync (a rename shows within a week)
+    or when none is recorded yet, else the one the last run recorded; a sync never fails for it."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=PAGES_KEY, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    mat = records[0].asset_materialization if records else None
+    known = mat.metadata.get("list_name") if mat else None
+    if known is not None and known.value and not refresh:
+        return str(known.value)
+    try:
+        return mc.list_name(list_id)
+    except ApiError as exc:
+        context.log.warning(f"{context.partition_key}: the list's name is unknown: {exc}")
+        return str(known.value) if known is not None else ""
+
+
 @asset(
     key=PAGES_KEY,
     partitions_def=mailchimp_lists,
     group_name=GROUP,
+    owners=OWNERS,
     kinds={"mailchimp", "json"},
+    metadata={"dagster/column_schema": PAGE_SCHEMA},
     io_manager_key="state_io_manager",
     description="The list's members in the sync window, one gzipped JSON file per page as Mailchimp sent it.",
 )
@@ -96,7 +126,8 @@ def member_pages(
         f"{partition}: {'full' if since is None else 'incremental'} sync of list {list_id}, "
         f"last_changed after {since.isoformat() if since else 'the beginning'}"
     )
-    fetched = _fetch(mailchimp, client, context, keys.mailchimp, list_id, folder, since, archived_since)
+    fetched, name = _fetch(mailchimp, client, context, keys.mailchimp, list_id, folder, since, archived_since)
+    context.instance.add_run_tags(run_id, started_tags(context.run.tags, config.full_refresh, since is not None, name))
     window = fetched_window(fetched, archived_since)
     run = RunFiles(
         partition=partition,
@@ -107,18 +138,18 @@ def member_pages(
         window=window,
         destination=destination,
         push_all=config.push_all,
+        list_name=name,
     )
     context.log.info(fetch_summary(partition, fetched, window))
-    return Output(
-        page_set(run, fetched),
-        metadata=pages_metadata(fetched, window, folder.pages),
-    )
+    return Output(page_set(run, fetched), metadata=pages_metadata(fetched, window, folder.pages, name))
 
 
 @asset(
     key=MEMBERS_KEY,
     partitions_def=mailchimp_lists,
     group_name=GROUP,
+    owners=OWNERS,
+    metadata={"dagster/column_schema": table_schema(STAGING_SCHEMA)},
     kinds={"parquet"},
     ins={"pages": AssetIn(key=PAGES_KEY)},
     io_manager_key="state_io_manager",
@@ -172,11 +203,12 @@ def _fetch(
     folder: RunFolder,
     since: datetime | None,
     archived_since: datetime | None,
-) -> FetchResult:
-    """The window's pages (and the archived sweep) into `folder`; an API error fails the run naming the list."""
+) -> tuple[FetchResult, str]:
+    """The window's pages (and the archived sweep) into `folder`, and the list's name; an API error
+    fails the run naming the list."""
     try:
         with mailchimp.client(client, context.log, key) as mc:
-            return mc.fetch(
+            fetched = mc.fetch(
                 list_id,
                 folder,
                 since=since,
@@ -184,6 +216,7 @@ def _fetch(
                 sweep_archived=mailchimp.sweep_archived,
                 before_fallback=run_started_at(context.instance, context.run.run_id),
             )
+            return fetched, list_name(context, mc, list_id, refresh=since is None)
     except ApiError as exc:
         raise failure(exc) from None
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from dagster import MetadataValue, TableColumn, TableSchema
 
 from mc_pipeline.assets.models import PageSet, RunFiles, Window
-from mc_pipeline.resources.paging import FetchResult
+from mc_pipeline.resources.paging import MEMBER_FIELDS, FetchResult
 
 PREVIEW_ROWS = 5
 _PII = frozenset(
@@ -79,17 +79,47 @@ def preview(path: Path, columns: list[str] | None = None) -> MetadataValue:
     return MetadataValue.md("\n".join(lines))
 
 
+def human_bytes(n: int) -> str:
+    """`1536` -> `1.5 KiB`: the size an operator reads; the exact count stays beside it."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def size_metadata(n: int) -> dict[str, MetadataValue]:
+    return {"bytes": MetadataValue.int(n), "bytes_human": MetadataValue.text(human_bytes(n))}
+
+
+def window_metadata(window: Window) -> dict[str, MetadataValue]:
+    """The window as timestamps; a full sync has no lower bound, so no `window_since` (and says so)."""
+    since = {"window_since": MetadataValue.timestamp(window.since)} if window.since else {}
+    return {
+        **since,
+        "window_before": MetadataValue.timestamp(window.before),
+        "window": MetadataValue.text("full sync" if window.since is None else "incremental"),
+    }
+
+
 def parquet_metadata(path: Path, schema: pa.Schema, rows: int, preview_columns: list[str] | None = None) -> dict:
     return {
         "dagster/row_count": rows,
         "dagster/column_schema": table_schema(schema),
         "dagster/uri": MetadataValue.path(str(path)),
-        "bytes": path.stat().st_size if path.exists() else 0,
+        **size_metadata(path.stat().st_size if path.exists() else 0),
         "preview": preview(path, preview_columns),
     }
 
 
 # --------------------------------------------------------------------------- mailchimp/member_pages
+# What a page file holds per member: the fields the client asks for (MEMBER_FIELDS), as Mailchimp sent them.
+PAGE_SCHEMA = TableSchema(
+    columns=[TableColumn(name=f, type="json", description="as Mailchimp sent it") for f in MEMBER_FIELDS]
+)
+
+
 def fetched_window(fetched: FetchResult, archived_since: datetime | None) -> Window:
     """The window a fetch covered; without an archived sweep its watermark is carried forward."""
     members, archived = fetched.members, fetched.archived
@@ -126,11 +156,12 @@ def fetch_summary(partition: str, fetched: FetchResult, window: Window) -> str:
     )
 
 
-def pages_metadata(fetched: FetchResult, window: Window, folder: Path) -> dict[str, Any]:
+def pages_metadata(fetched: FetchResult, window: Window, folder: Path, list_name: str) -> dict[str, Any]:
     main, archived, total = fetched.members, fetched.archived, fetched.total
     return {
-        "window_since": MetadataValue.text(window.since.isoformat() if window.since else "(full sync)"),
-        "window_before": MetadataValue.timestamp(window.before),
+        "list_name": MetadataValue.text(list_name),
+        "dagster/row_count": total("rows"),  # rows in the page files, the overlap's included
+        **window_metadata(window),
         "full_refresh": window.full_refresh,
         # Mailchimp's count of the window, at the first page and the smallest any page gave.
         "total_items": main.total_first,
@@ -150,7 +181,7 @@ def pages_metadata(fetched: FetchResult, window: Window, folder: Path) -> dict[s
         "retries": total("retries"),
         "throttled": total("throttled"),
         "retry_causes": MetadataValue.json(fetched.causes),
-        "bytes": total("bytes"),
+        **size_metadata(total("bytes")),
         "seconds": round(fetched.seconds, 3),
         "folder": MetadataValue.path(str(folder)),
     }

@@ -55,6 +55,7 @@ class RunFiles(_Model):
     window: Window
     destination: Destination | None = None  # None only in descriptors written before destinations
     push_all: bool = False  # SyncConfig.push_all: push every record, unchanged ones too
+    list_name: str = ""  # Mailchimp's name of the list, shown beside the partition key in the UI
 
 
 class PageSet(_Model):

@@ -27,9 +27,9 @@ from dagster import (
 )
 from pydantic import Field
 
-from mc_pipeline.assets.keys import CONTACTS_KEY, GROUP, MEMBERS_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY, GROUP, MEMBERS_KEY, OWNERS
 from mc_pipeline.assets.mailchimp import failure
-from mc_pipeline.assets.metadata import parquet_metadata
+from mc_pipeline.assets.metadata import parquet_metadata, table_schema, window_metadata
 from mc_pipeline.assets.models import ContactsFile, ImportResult, StagedMembers
 from mc_pipeline.assets.watermarks import known_until, watermark_metadata
 from mc_pipeline.dead_letters import ListState, settle_run, write_run_file
@@ -42,6 +42,7 @@ from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import KnownContacts, PipelineStorage, RunFolder, load_keys, save_keys
 from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts
 
+CONTACTS_COLUMNS = table_schema(CONTACT_SCHEMA)  # fixed: the UI shows it before the first sync
 CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; a checkpoint stalls the push about 0.2 s
 
 
@@ -201,8 +202,14 @@ def _import_metadata(
     """What `ometria/contacts` records of an import: the watermark for the next run, then the counts."""
     run = contacts.run
     return {
+        # The asset's materialization: what the UI shows of `ometria/contacts` (the transform op's
+        # output is only a step of it), the records as written and pushed, then the window and push.
+        "list_name": MetadataValue.text(run.list_name),
+        "dagster/row_count": contacts.records,
+        "dagster/column_schema": CONTACTS_COLUMNS,
+        "dagster/uri": MetadataValue.path(contacts.path),
         **watermark_metadata(run),
-        "window_since": MetadataValue.text(run.window.since.isoformat() if run.window.since else "(full sync)"),
+        **window_metadata(run.window),
         "full_refresh": run.window.full_refresh,
         "push_all": run.push_all,
         "collection": contacts.collection,
@@ -343,7 +350,9 @@ def _push(
     key=CONTACTS_KEY,
     partitions_def=mailchimp_lists,
     group_name=GROUP,
+    owners=OWNERS,
     kinds={"ometria", "parquet"},
+    metadata={"dagster/column_schema": CONTACTS_COLUMNS},
     ins={"members": AssetIn(key=MEMBERS_KEY)},
     description="The list's members as Ometria contact records, pushed to the client's Ometria account.",
 )

@@ -12,6 +12,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetRecordsFilter,
     DagsterInstance,
+    EventLogRecord,
     MetadataValue,
     asset_check,
 )
@@ -25,26 +26,37 @@ from mc_pipeline.partitions import MAILCHIMP_LISTS, mailchimp_lists
 STALE_AFTER_S = 2 * 3600
 
 
+def _last(imported: EventLogRecord, verified: EventLogRecord | None) -> float:
+    return max(imported.timestamp, verified.timestamp if verified else 0.0)
+
+
 def last_imports(instance: DagsterInstance) -> dict[str, float]:
     """Each partition's last successful import or later verification (a probe found nothing to
     import: automation/probes.py), in a few queries whatever the number of lists."""
-    out: dict[str, float] = {}
-    for partition, (imported, verified) in latest_events(instance).items():
-        out[partition] = max(imported.timestamp, verified.timestamp if verified else 0.0)
-    return out
+    return {partition: _last(*events) for partition, events in latest_events(instance).items()}
+
+
+def list_name(record: EventLogRecord | None) -> str:
+    """The list's name as its import recorded it (`mailchimp/member_pages` asks Mailchimp)."""
+    mat = record.asset_materialization if record is not None else None
+    value = mat.metadata.get("list_name") if mat is not None else None
+    return str(value.value) if value is not None else ""
 
 
 def stale_partitions(instance: DagsterInstance, now: float, stale_after_s: float = STALE_AFTER_S) -> list[tuple]:
-    """(partition, last import or None, hours since) for every partition staler than the bound."""
-    last = last_imports(instance)
+    """(partition, list name, last import or None, hours since) for every partition staler than the bound."""
+    events = latest_events(instance)
     rows = []
     for key in instance.get_dynamic_partitions(MAILCHIMP_LISTS):
-        ts = last.get(key)
+        imported, verified = events.get(key, (None, None))
+        ts = _last(imported, verified) if imported is not None else None
         if ts is None or now - ts > stale_after_s:
-            rows.append((key, ts, None if ts is None else (now - ts) / 3600))
-    return sorted(rows, key=lambda r: (r[1] is not None, r[1] or 0))
+            rows.append((key, list_name(imported), ts, None if ts is None else (now - ts) / 3600))
+    return sorted(rows, key=lambda r: (r[2] is not None, r[2] or 0))
 
 
+# A check, not a FreshnessPolicy: a policy judges the asset as a whole (or each time partition), and
+# this judges every dynamic partition, each list, counting a probe's verification as fresh too.
 @asset_check(
     asset=CONTACTS_KEY,
     name="synced_within_two_hours",
@@ -55,10 +67,10 @@ def contacts_freshness(context: AssetCheckExecutionContext) -> AssetCheckResult:
     now = time.time()
     stale = stale_partitions(context.instance, now)
     total = len(context.instance.get_dynamic_partitions(MAILCHIMP_LISTS))
-    lines = ["| partition | last import or verification (UTC) | hours ago |", "|---|---|---|"]
-    for key, ts, hours in stale[:200]:
+    lines = ["| partition | list | last import or verification (UTC) | hours ago |", "|---|---|---|---|"]
+    for key, name, ts, hours in stale[:200]:
         when = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M") if ts else "never"
-        lines.append(f"| {key} | {when} | {'' if hours is None else f'{hours:.1f}'} |")
+        lines.append(f"| {key} | {name.replace('|', '/')} | {when} | {'' if hours is None else f'{hours:.1f}'} |")
     return AssetCheckResult(
         passed=not stale,
         severity=AssetCheckSeverity.WARN,
@@ -66,7 +78,7 @@ def contacts_freshness(context: AssetCheckExecutionContext) -> AssetCheckResult:
         metadata={
             "lists": total,
             "stale_lists": len(stale),
-            "never_imported": sum(1 for _, ts, _ in stale if ts is None),
+            "never_imported": sum(1 for row in stale if row[2] is None),
             "stale": MetadataValue.md("\n".join(lines) if stale else "_none_"),
         },
     )
@@ -105,11 +117,13 @@ with warnings.catch_warnings():
         if state is None:
             return AssetCheckResult(passed=True, description="no import recorded outstanding dead letters yet")
         share, limit = float(state["outstanding_share"]), float(state["dead_letter_share_limit"])
+        name, alert = str(state.get("list_name") or ""), state.get("dead_letter_alert")
         return AssetCheckResult(
             passed=share <= limit,
             severity=AssetCheckSeverity.ERROR,
-            description=state.get("dead_letter_alert") or None,
+            description=(f"{name}: {alert}" if name else alert) if alert else None,
             metadata={
+                "list_name": name,
                 OUTSTANDING: int(state[OUTSTANDING]),
                 "outstanding_share": share,
                 "list_members": int(state["list_members"]),

@@ -149,12 +149,11 @@ def in_progress(instance: DagsterInstance) -> tuple[set[str], set[str]]:
 def sync_request(client: Client, key: str, kind: str, period: str, full: bool) -> RunRequest:
     """A sync of one partition, with a run key per partition and period: a tick evaluated twice
     launches nothing twice."""
-    _, list_id = parse_partition_key(key)
     return RunRequest(
         partition_key=key,
         run_key=f"{kind}:{key}:{period}",
         run_config=sync_run_config(full_refresh=full),
-        tags=run_tags(client, list_id, kind),
+        tags=run_tags(client, kind),
     )
 
 

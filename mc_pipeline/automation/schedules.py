@@ -101,6 +101,7 @@ freshness_check_job = define_asset_job(
     job=freshness_check_job,
     execution_timezone="UTC",
     default_status=DefaultScheduleStatus.RUNNING,
+    description="Every 15 minutes, the freshness check of every list: its last successful import under two hours old.",
 )
 def freshness_checks(context: ScheduleEvaluationContext) -> RunRequest:
     return RunRequest(run_key=_scheduled(context).strftime("freshness:%Y-%m-%dT%H:%M"))

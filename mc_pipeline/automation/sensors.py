@@ -39,7 +39,7 @@ from dagster import (
 from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.automation.registry_guard import CONFIRM_HINT, reading, shrink
 from mc_pipeline.jobs import sync_job, sync_run_config
-from mc_pipeline.partitions import MAILCHIMP_LISTS
+from mc_pipeline.partitions import MAILCHIMP_LISTS, mailchimp_lists
 from mc_pipeline.registry import (
     LIST_ID_RE,
     Client,
@@ -193,21 +193,19 @@ def mailchimp_lists_sensor(
     )
     run_requests = []
     for key in new:
-        client = desired.keys[key]
-        list_id = parse_partition_key(key)[1]
         run_requests.append(
             RunRequest(
                 partition_key=key,
                 run_key=f"initial:{key}",  # once per partition, even if a tick is evaluated twice
                 run_config=sync_run_config(full_refresh=True),
-                tags=run_tags(client, list_id, "initial"),
+                tags=run_tags(desired.keys[key], "initial"),
             )
         )
-    requests_: list[Any] = []
+    requests_: list[AddDynamicPartitionsRequest | DeleteDynamicPartitionsRequest] = []
     if new:
-        requests_.append(AddDynamicPartitionsRequest(MAILCHIMP_LISTS, new))
+        requests_.append(mailchimp_lists.build_add_request(new))
     if gone:
-        requests_.append(DeleteDynamicPartitionsRequest(MAILCHIMP_LISTS, gone))
+        requests_.append(mailchimp_lists.build_delete_request(gone))
     pending = len(set(desired.keys) - existing) - len(new)
     context.log.info(
         f"{len(desired.keys)} lists in the registry, {len(existing)} partitions: +{len(new)} -{len(gone)}"

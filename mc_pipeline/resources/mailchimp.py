@@ -1,5 +1,4 @@
-"""Mailchimp Marketing API v3: one pooled session per account, a window fetched into a `PageWriter`
-(`MailchimpClient.fetch`), the error policy.
+"""Mailchimp API v3: a pooled session per account, a window fetched into a `PageWriter` (`fetch`).
 
 Error policy (the table our importer inherited, applied per request by `HttpRetryPolicy`, retry.py):
 - 429, or a bare (non-JSON) 403 from Mailchimp's edge: throttled; wait `Retry-After` if given,
@@ -34,9 +33,6 @@ from mc_pipeline.resources.errors import (
 )
 from mc_pipeline.resources.http import TRANSIENT, HttpSettings, RequestRefused, json_object, pooled_session, server_time
 from mc_pipeline.resources.limits import account_gate, fingerprint
-from mc_pipeline.resources.paging import (
-    MEMBER_FIELDS as MEMBER_FIELDS,
-)
 from mc_pipeline.resources.paging import (
     MEMBERS_FIELDS_PARAM,
     FetchResult,
@@ -163,20 +159,20 @@ class MailchimpClient:
     def lists(self) -> list[dict[str, Any]]:
         """Every audience of the account (for registry entries with `lists: all`)."""
         out: list[dict[str, Any]] = []
-        stats = FetchStats()
-        offset = 0
+        stats, offset, fields = FetchStats(), 0, "lists.id,lists.name,lists.stats.member_count,total_items"
         while True:
-            data = self.get(
-                "/lists",
-                {"count": 1000, "offset": offset, "fields": "lists.id,lists.name,lists.stats.member_count,total_items"},
-                list_id=None,
-                stats=stats,
-            ).data
+            params = {"count": 1000, "offset": offset, "fields": fields}
+            data = self.get("/lists", params, list_id=None, stats=stats).data
             batch = data.get("lists") or []
             out.extend(batch)
             offset += len(batch)
             if not batch or offset >= int(data.get("total_items", 0)):
                 return out
+
+    def list_name(self, list_id: str) -> str:
+        """The audience's name, for the UI (partition keys are ids): one small request a run."""
+        data = self.get(f"/lists/{list_id}", {"fields": "name"}, list_id=list_id, stats=FetchStats()).data
+        return str(data.get("name") or "") if isinstance(data, dict) else ""
 
     def changed_since(self, list_id: str, since: datetime | None, status: str | None = None) -> tuple[int, datetime]:
         """One request, no member: how many members of the window (since, now] there are, and Mailchimp's

@@ -6,6 +6,7 @@ and two processes started with the same seed agree on every key and member.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -159,3 +160,30 @@ def derive_hex(seed: int, *parts: str, n: int) -> str:
     while len(digest) < n:
         digest += hashlib.sha256(digest.encode()).hexdigest()
     return digest[:n]
+
+
+def config_from_args(args: argparse.Namespace) -> SandboxConfig:
+    """`mc-pipeline sandbox`'s flags (or its `--config` file) as a config."""
+    # The seed goes in before validation: keys and list ids that are not given derive from it.
+    if args.config:
+        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        if args.seed is not None:
+            data["seed"] = args.seed
+        config = SandboxConfig.model_validate(data)
+    else:
+        sizes = [int(x) for x in str(args.members).split(",") if x]
+        seed = 42 if args.seed is None else args.seed
+        config = SandboxConfig.generated(clients=args.clients, lists_per_client=args.lists, members=sizes, seed=seed)
+    overrides = {"host": args.host}
+    if args.port is not None:
+        overrides["port"] = args.port
+    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if args.mc_latency_ms is not None or args.mc_per_kb_ms is not None:
+        config.mailchimp.latency = Latency(base_ms=args.mc_latency_ms or 0, per_kb_ms=args.mc_per_kb_ms or 0)
+    if args.om_latency_ms is not None:
+        config.ometria.latency = Latency(base_ms=args.om_latency_ms)
+    if args.error_rate or args.drop_rate or args.truncate_rate:
+        rates = Faults(error_rate=args.error_rate, drop_rate=args.drop_rate, truncate_rate=args.truncate_rate)
+        config.mailchimp.faults = rates
+        config.ometria.faults = rates
+    return config

@@ -50,7 +50,7 @@ def test_a_new_collection_prefix_starts_with_a_full_sync_into_the_new_collection
 
     moved = sync(instance, partition)  # what the hourly schedule runs: no full_refresh asked for
     pages = metadata(moved, "mailchimp/member_pages")
-    assert pages["full_refresh"] is True and pages["window_since"] == "(full sync)"
+    assert pages["full_refresh"] is True and "window_since" not in pages and pages["window"] == "full sync"
     contacts = metadata(moved, "ometria/contacts")
     assert contacts["collection"] == f"brand2-{list_id}" and contacts[DESTINATION]["collection"] == f"brand2-{list_id}"
     assert contacts["deleted_in_mailchimp_opted_out"] == 0  # nothing of the old collection is judged here

@@ -29,7 +29,7 @@ from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import YamlClientRegistry
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
-from mc_pipeline.tags import CLIENT, MAILCHIMP_ACCOUNT, SYNC_KIND
+from mc_pipeline.tags import MAILCHIMP_ACCOUNT, SYNC_KIND
 from mc_pipeline_tests.helpers import sync
 
 
@@ -66,7 +66,7 @@ def test_new_lists_become_partitions_with_a_full_sync(small_env: LocalEnvironmen
     assert sorted(r.partition_key for r in result.run_requests) == sorted(keys)
     for request in result.run_requests:
         assert request.run_config["ops"]["mailchimp__member_pages"]["config"]["full_refresh"] is True
-        assert request.tags[CLIENT] == "client-1" and request.tags[MAILCHIMP_ACCOUNT] == "client-1"
+        assert request.tags[MAILCHIMP_ACCOUNT] == "client-1" and len(request.tags) == 3  # no client or list chip
         assert request.tags[SYNC_KIND] == "initial" and request.run_key == f"initial:{request.partition_key}"
     apply(instance, result)
     assert sorted(instance.get_dynamic_partitions(MAILCHIMP_LISTS)) == sorted(keys)

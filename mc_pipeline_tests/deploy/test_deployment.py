@@ -370,7 +370,7 @@ def _run(client_id: str, list_id: str, **account: str) -> DagsterRun:
             "lists": [list_id],
         }
     )
-    return DagsterRun(job_name="sync", run_id=str(uuid.uuid4()), tags=tags.run_tags(client, list_id, "incremental"))
+    return DagsterRun(job_name="sync", run_id=str(uuid.uuid4()), tags=tags.run_tags(client, "incremental"))
 
 
 def test_the_queue_holds_back_a_second_run_of_the_same_account_only():

@@ -15,9 +15,10 @@ import pytest
 import requests
 import yaml
 
-from mc_pipeline.cli import _sandbox_config, build_parser
+from mc_pipeline.cli import build_parser
 from mc_pipeline.registry import YamlClientRegistry
 from mc_pipeline.sandbox import Sandbox, SandboxConfig
+from mc_pipeline.sandbox.config import config_from_args as _sandbox_config
 
 START_TIMEOUT_S = 30.0
 
