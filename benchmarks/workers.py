@@ -233,6 +233,7 @@ def task_import(args: dict[str, Any]) -> dict[str, Any]:
             run_id=run_id,
             folder=str(folder.root),
             window=Window(since=datetime.now(UTC), before=datetime.now(UTC), full_refresh=False),
+            push_all=True,  # the push rate is measured: every record is sent, also when a run before sent it
         ),
         total_items=args["records"],
         staged_rows=args["records"],

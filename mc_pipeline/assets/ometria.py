@@ -9,6 +9,7 @@ the next run's window starts from, so a failed or partial import never moves it.
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +300,10 @@ def _push_changes(
     def flush(final: bool) -> None:
         nonlocal part
         batches, recorded = backlog.take(MAX_RECORDS, final)
-        dead = _push(context, client, ometria, stats, run.list_id, lambda: iter(batches), progress) if batches else []
+        # The import's first batches are judged once (a systemic rejection), not at every checkpoint.
+        first = stats.batches == 0
+        push = partial(_push, context, client, ometria, stats, run.list_id, lambda: iter(batches), progress, first)
+        dead = push() if batches else []
         out.rejected += dead
         if recorded is not None:
             # `seen`: see KnownContacts: a full refresh beside this run must not judge them
@@ -327,13 +331,14 @@ def _push(
     list_id: str,
     batches: Callable[[], Iterator[list[dict]]],
     progress: Callable[[PushStats], None] | None = None,
+    judge_first: bool = True,
 ) -> list[dict]:
     """One push with the client; `batches()` gives the same batches again to build the dead letters
     (refusals name a batch and a place, so nothing is held in memory while pushing)."""
     om = ometria.client(client, logger=context.log)
     late_before = stats.failed_after_answer
     try:
-        outcome = om.push_batches(batches(), stats, list_id=list_id, progress=progress)
+        outcome = om.push_batches(batches(), stats, list_id=list_id, progress=progress, judge_first=judge_first)
     except ApiError as exc:
         raise failure(exc) from None
     finally:

@@ -106,10 +106,13 @@ class OmetriaClient:
         *,
         list_id: str | None = None,
         progress: Callable[[PushStats], None] | None = None,
+        judge_first: bool = True,
     ) -> PushOutcome:
         """Push every batch (lists of at most 100 records) with `workers` threads at the account's
-        rate; returns what Ometria refused, each tied to its batch and place. See `ometria_push`."""
-        return Fanout(self, stats, list_id=list_id, workers=self.workers, progress=progress).run(batches)
+        rate; returns what Ometria refused, each tied to its batch and place. See `ometria_push`.
+        `judge_first=False` for a later part of one import: its first batches were judged already."""
+        fanout = Fanout(self, stats, list_id=list_id, workers=self.workers, progress=progress, judge_first=judge_first)
+        return fanout.run(batches)
 
     def errors_of(self, request_ids: list[str], stats: PushStats, *, list_id: str | None = None) -> list[dict]:
         """`GET /push/_errors` for these requests, `LOOKUP_CHUNK` at a time; only entries naming one of them."""

@@ -123,8 +123,10 @@ class Fanout:
         list_id: str | None,
         workers: int,
         progress: Callable[[PushStats], None] | None = None,
+        judge_first: bool = True,
     ) -> None:
         self.client, self.stats, self.list_id, self.workers, self.progress = client, stats, list_id, workers, progress
+        self.judge_first = judge_first
         self.sent: dict[str, _Sent] = {}
         self.refused: dict[tuple[int, int], Refusal] = {}
         self.looked_up: set[str] = set()
@@ -142,7 +144,7 @@ class Fanout:
                     _raise_first(pending)
                     slots.acquire()
                     pending.add(pool.submit(self._one, ordinal, batch, slots))
-                    if ordinal + 1 == FIRST_BATCHES:  # judge the first batches before pushing more
+                    if self.judge_first and ordinal + 1 == FIRST_BATCHES:  # judged before pushing more
                         wait(pending)
                         _raise_first(pending)
                         self._judge_first()
