@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -102,6 +103,24 @@ def _requests(stats: dict[str, Any], accounts: set[str] | None = None) -> int:
     )
 
 
+SUMMARY = re.compile(
+    r"^(?:\x1b\[\d+m)?(\d{4}-\d\d-\d\d \d\d:\d\d):\d\d \+0000.*hourly_incremental_sync - (\d+) lists due: "
+    r"(\d+) verified unchanged, (\d+) runs requested.*?; (\d+) Mailchimp calls"
+)
+
+
+def _tick_summaries(log: Path, start: float, end: float) -> list[tuple[datetime, int, int, int, int]]:
+    """The schedule's own summary of each tick evaluated in the window (automation/probes.py
+    TickReport.summary): (tick's minute, lists due, verified, runs requested, Mailchimp calls)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if m := SUMMARY.match(line):
+            minute = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+            if start - 60 <= minute.timestamp() <= end:
+                out.append((minute, *(int(g) for g in m.groups()[1:])))
+    return out
+
+
 def _record_synced_state(instance: Any, sb: Any, keys: list[str]) -> datetime:
     """What a full import of every list leaves, recorded directly (no initial syncs)."""
     from mc_pipeline.assets.watermarks import destination_of, record_import
@@ -164,8 +183,11 @@ def run_many_lists(ctx: Context) -> dict[str, Any]:
                     timeout=30,
                 ).raise_for_status()
 
-            # The first tick is the next whole minute at least 40 s away (the daemon's start).
-            first = (datetime.now(UTC) + timedelta(seconds=100)).replace(second=0, microsecond=0)
+            # The daemon starts early in a minute; its first tick is the next minute (the scheduler
+            # fires the ticks after it first sees the schedule, ~30 s after the start).
+            while datetime.now(UTC).second >= 10:
+                time.sleep(0.5)
+            first = (datetime.now(UTC) + timedelta(minutes=1)).replace(second=0, microsecond=0)
             ticks = [first + timedelta(minutes=TICK_MIN * i) for i in range(CYCLE_MIN // TICK_MIN)]
             end_of_cycle = ticks[-1] + timedelta(minutes=TICK_MIN)
             daemon_env = {
@@ -185,7 +207,7 @@ def run_many_lists(ctx: Context) -> dict[str, Any]:
                 DagsterInstance.from_config(str(home)) as instance,
                 dagster_daemon(log, daemon_env) as daemon,
             ):
-                while datetime.now(UTC) < first - timedelta(seconds=3):
+                while datetime.now(UTC) < first - timedelta(seconds=6):
                     if daemon.poll() is not None:
                         raise RuntimeError(f"dagster-daemon exited; see {log}")
                     time.sleep(0.5)
@@ -202,9 +224,7 @@ def run_many_lists(ctx: Context) -> dict[str, Any]:
                     now = datetime.now(UTC)
                     records = instance.get_run_records(filters=in_window)
                     ended = (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
-                    if now >= end_of_cycle + timedelta(seconds=20) and all(
-                        x.dagster_run.status in ended for x in records
-                    ):
+                    if now >= ticks[-1] + timedelta(seconds=30) and all(x.dagster_run.status in ended for x in records):
                         break
                     if now > deadline or daemon.poll() is not None:
                         raise RuntimeError(f"the hour did not finish; see {log}")
@@ -247,11 +267,16 @@ def run_many_lists(ctx: Context) -> dict[str, Any]:
     }
     missing = [k for k in keys if k not in done_at]
     lag = max((done_at[k] - tick_of[k].timestamp() for k in done_at if k in tick_of), default=0.0)
-    unchanged = n_lists - len(changed)
+    # What the window probed, from the schedule's summaries: the five ticks, and a sixth if the
+    # runs drained past the end of the cycle (then its lists were probed twice, and counted twice).
+    summaries = _tick_summaries(log, start, end)
+    window_ticks = sorted({t for t, *_ in summaries})
+    unchanged = sum(v for _, _, v, _, _ in summaries)
+    clean_probes = sum(1 for t in window_ticks for k in clean_lists if cadence.slot_in_tick(k, t) is not None)
     sessions = pgs1["sessions"] - pgs0["sessions"]  # _pg_stats connects to another database
     # One list-hour: each list's probe (and its run if it changed) once; the fixed costs here are 5 minutes'.
     cpu_unchanged = (total - run_cpu) / max(unchanged, 1)
-    cpu_per_list_hour = total / n_lists
+    cpu_per_list_hour = total / max(unchanged + len(runs), 1)
     details = {
         "lists": n_lists,
         "accounts": p.lists_clients,
@@ -281,8 +306,14 @@ def run_many_lists(ctx: Context) -> dict[str, Any]:
         "mailchimp_calls": _requests(mc1) - _requests(mc0),
         "mailchimp_calls_unchanged_accounts": _requests(mc1, clean_accounts) - _requests(mc0, clean_accounts),
         "unchanged_accounts_lists": len(clean_lists),
+        "unchanged_accounts_probes": clean_probes,
+        "ticks": [
+            {"tick": f"{t:%H:%M}", "due": d, "verified": v, "runs_requested": q, "mailchimp_calls": c}
+            for t, d, v, q, c in summaries
+        ],
+        "verifications": unchanged,
     }
-    calls_unchanged = details["mailchimp_calls_unchanged_accounts"] / max(len(clean_lists), 1)
+    calls_unchanged = details["mailchimp_calls_unchanged_accounts"] / max(clean_probes, 1)
     busy = total / max(wall * cores, 1e-9)
     return {
         "title": "6. Many lists: one hour of the change-aware schedule, 5% changed (daemon, PostgreSQL)",
