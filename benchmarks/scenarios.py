@@ -56,10 +56,10 @@ class Plan:
     memory_ometria_rps: float = 100.0  # the registry's highest push rate (an Ometria plan above 8/s)
     cpu_pages: int = 100
     cpu_repeats: int = 5
-    lists_clients: int = 10  # 100 lists per tick: 500 take ~20 minutes through one daemon; per run it is the same
-    lists_per_client: int = 10
-    lists_members: int = 50
-    lists_inprocess: int = 20
+    lists_clients: int = 200  # 1,000 small lists, one compressed hour (~8 minutes), 5% changed
+    lists_per_client: int = 5
+    lists_members: int = 20
+    lists_changed_every: int = 20
     clients_counts: tuple[int, ...] = (1, 2, 5, 10)
     clients_members: int = 30_000
     clients_repeats: int = 3
@@ -80,10 +80,7 @@ class Plan:
             memory_sizes=(20_000, 200_000),
             cpu_pages=20,
             cpu_repeats=2,
-            lists_clients=4,
-            lists_per_client=5,
-            lists_members=20,
-            lists_inprocess=5,
+            lists_clients=20,
             clients_counts=(1, 2, 4),
             clients_members=10_000,
             clients_repeats=2,
