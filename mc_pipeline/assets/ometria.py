@@ -38,7 +38,7 @@ from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.reconcile import Backlog, KnownHashes, listed_keys, tombstones
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
-from mc_pipeline.resources.ometria import MAX_RECORDS, PushStats
+from mc_pipeline.resources.ometria import MAX_RECORDS, OmetriaClient, PushStats
 from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import KnownContacts, PipelineStorage, RunFolder, load_keys, save_keys
 from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts
@@ -141,16 +141,20 @@ def import_to_ometria(
     started = time.monotonic()
     known = storage.known_contacts(run.partition, run.destination.id if run.destination else None)
     had_history = bool(known.files())  # on a list's first sync there is nothing to reconcile
-    if contacts.records:
-        pushed = _push_changes(context, contacts, client, ometria, stats, known, config.checkpoint_records)
-    else:
-        pushed = Pushed()
-        context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
-    contacts_pushed, rejected = stats.pushed, pushed.rejected
-    deleted = 0
-    if run.window.full_refresh and had_history:
-        deleted, tombstones_rejected = _reconcile(context, contacts, client, ometria, known, stats)
-        rejected = rejected + tombstones_rejected
+    om = ometria.client(client, logger=context.log)  # one per import: its connections and its stop flag
+    try:
+        if contacts.records:
+            pushed = _push_changes(context, contacts, om, stats, known, config.checkpoint_records)
+        else:
+            pushed = Pushed()
+            context.log.info(f"{run.partition}: nothing changed in {run.window.describe()}; no Ometria call")
+        contacts_pushed, rejected = stats.pushed, pushed.rejected
+        deleted = 0
+        if run.window.full_refresh and had_history:
+            deleted, tombstones_rejected = _reconcile(context, contacts, om, known, stats)
+            rejected = rejected + tombstones_rejected
+    finally:
+        om.close()
     accepted = contacts.records - pushed.skipped - len(pushed.rejected)
     stats.seconds = time.monotonic() - started
     dead, pending, dead_md = _settle(context, storage, ometria, contacts, rejected)
@@ -241,8 +245,7 @@ def _import_metadata(
 def _reconcile(
     context: OpExecutionContext,
     contacts: ContactsFile,
-    client,
-    ometria: OmetriaResource,
+    om: OmetriaClient,
     known: KnownContacts,
     stats: PushStats,
 ) -> tuple[int, list[dict]]:
@@ -261,7 +264,7 @@ def _reconcile(
             "opting them out in Ometria"
         )
         batches = [tombstones(b, contacts.collection, run.window.before) for b in gone.to_batches(MAX_RECORDS)]
-        dead = _push(context, client, ometria, stats, run.list_id, lambda: iter(batches))
+        dead = _push(context, om, stats, run.list_id, lambda: iter(batches))
     return gone.num_rows, dead
 
 
@@ -276,8 +279,7 @@ class Pushed:
 def _push_changes(
     context: OpExecutionContext,
     contacts: ContactsFile,
-    client,
-    ometria: OmetriaResource,
+    om: OmetriaClient,
     stats: PushStats,
     known: KnownContacts,
     checkpoint: int,
@@ -302,7 +304,7 @@ def _push_changes(
         batches, recorded = backlog.take(MAX_RECORDS, final)
         # The import's first batches are judged once (a systemic rejection), not at every checkpoint.
         first = stats.batches == 0
-        push = partial(_push, context, client, ometria, stats, run.list_id, lambda: iter(batches), progress, first)
+        push = partial(_push, context, om, stats, run.list_id, lambda: iter(batches), progress, first)
         dead = push() if batches else []
         out.rejected += dead
         if recorded is not None:
@@ -325,8 +327,7 @@ def _push_changes(
 
 def _push(
     context: OpExecutionContext,
-    client,
-    ometria: OmetriaResource,
+    om: OmetriaClient,
     stats: PushStats,
     list_id: str,
     batches: Callable[[], Iterator[list[dict]]],
@@ -335,17 +336,14 @@ def _push(
 ) -> list[dict]:
     """One push with the client; `batches()` gives the same batches again to build the dead letters
     (refusals name a batch and a place, so nothing is held in memory while pushing)."""
-    om = ometria.client(client, logger=context.log)
     late_before = stats.failed_after_answer
     try:
         outcome = om.push_batches(batches(), stats, list_id=list_id, progress=progress, judge_first=judge_first)
     except ApiError as exc:
         raise failure(exc) from None
-    finally:
-        om.close()
     if stats.failed_after_answer > late_before:
         context.log.warning(
-            f"{client.id}:{list_id}: {stats.failed_after_answer - late_before} records accepted by Ometria's answer "
+            f"{om.client_id}:{list_id}: {stats.failed_after_answer - late_before} records accepted by Ometria's answer "
             "failed its validation later (GET /push/_errors): dead letters, not recorded as held"
         )
     return outcome.dead_letters(batches()) if outcome.refused else []

@@ -236,7 +236,7 @@ class TestHttpAdmin:
         assert abs(reset - datetime.now(UTC)) < timedelta(seconds=5)
 
     def test_the_date_header_and_last_changed_follow_the_clock(self, fresh: Sandbox) -> None:
-        """A sync's window ends one second before the Date header: tests advance the clock, not wait."""
+        """The Date header and `last_changed` both follow the sandbox's clock, so tests advance it rather than wait."""
         lid = fresh.client("client-1").list_ids[0]
         m = pick(fresh, lid, 1)[0]
         when = datetime(2033, 4, 5, 6, 7, 8, tzinfo=UTC)
@@ -247,7 +247,7 @@ class TestHttpAdmin:
         assert abs(parsedate_to_datetime(r.headers["Date"]) - when) < timedelta(seconds=5)
         pushed = om_push(fresh, [contact("c-date")])
         assert abs(parsedate_to_datetime(pushed.headers["Date"]) - when) < timedelta(seconds=5)
-        fresh.clock.advance(1)  # what `settle` does: the next window's end reaches the change
+        fresh.clock.advance(1)  # the Date moves with the clock: a second on, it is past the change
         served = parsedate_to_datetime(mc_get(fresh, f"/lists/{lid}/members/{m['id']}").headers["Date"])
         assert served - timedelta(seconds=1) >= changed
 
