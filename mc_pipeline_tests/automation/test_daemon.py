@@ -53,7 +53,8 @@ def run_three_lists(tmp_path: Path, instance_yaml: str) -> tuple[dict, list[tupl
             records = instance.get_run_records(filters=RunsFilter(tags={SYNC_KIND: "initial"}))
             spans = sorted((rec.start_time, rec.end_time) for rec in records if rec.start_time and rec.end_time)
         stats = env.sandbox.stats("mailchimp:client-1")
-        stats["ometria_throttled"] = env.sandbox.stats("ometria:client-1")["throttled"]
+        ometria = env.sandbox.stats("ometria:client-1")
+        stats["ometria_throttled"], stats["ometria_requests"] = ometria["throttled"], ometria["requests"]
         for key in env.partition_keys():
             assert_ometria_matches(env.sandbox, key)
         return stats, spans
@@ -69,7 +70,12 @@ def test_one_accounts_lists_sync_one_run_at_a_time_within_ten_connections(tmp_pa
     assert not overlapping(spans)  # the queue held the account's other runs back
     assert stats["peak_in_flight"] == 10  # each run used the account's 10 connections...
     assert stats["throttled"] == 0  # ...and never an 11th
-    assert stats["ometria_throttled"] == 0  # one run pushing per Ometria account: its limiter holds the rate
+    # One run pushing per Ometria account: its limiter holds the rate. Two runs pushing at once would
+    # each send 50 a second against a limit of 50: about half answered 429. A 429 or two out of ~350
+    # happen on a loaded machine (a request delayed in transit lands in the next request's second);
+    # they are retried after Retry-After, so the goal is benchmark 2b's: under 1%.
+    assert stats["ometria_requests"] >= 345
+    assert stats["ometria_throttled"] < 0.01 * stats["ometria_requests"]
 
 
 def test_without_the_tag_limit_the_runs_themselves_keep_the_account_whole(tmp_path: Path) -> None:
