@@ -34,7 +34,8 @@ STEPS = {
     "mailchimp__members": "staging",
     "ometria__contacts.to_ometria_records": "transform",
     "ometria__contacts.import_to_ometria": "import (skip pass, recording, deletions judged)",
-    "ometria__contacts_counts_reconcile": "counts check",
+    "ometria__contacts_counts_reconcile": "asset checks",
+    "ometria__contacts_dead_letters_within_share": "asset checks",
 }
 
 
@@ -75,7 +76,9 @@ def _breakdown(summary: dict[str, Any], contacts: dict[str, Any]) -> dict[str, A
     """Each step's seconds and share of the extraction bound; the run's overhead is the rest."""
     bound = summary["bound_extract_s"]
     steps = summary["step_seconds"]
-    parts = {label: steps.get(key, 0.0) for key, label in STEPS.items()}
+    parts: dict[str, float] = {}
+    for key, label in STEPS.items():
+        parts[label] = parts.get(label, 0.0) + steps.get(key, 0.0)
     parts["run overhead (launch, events, I/O managers, between steps)"] = summary["wall_s"] - sum(steps.values())
     out = {k: {"seconds": r(v), "of_bound": r(v / bound)} for k, v in parts.items()}
     seconds, reconcile = contacts.get("seconds", 0.0), contacts.get("reconcile_seconds", 0.0)
