@@ -339,8 +339,8 @@ def record_hashes(contacts: pa.RecordBatch | pa.Table) -> np.ndarray:
     bump of a subscribed member). BLAKE2b (RFC 7693) is stable across processes, machines and
     library versions (Python's `hash` is salted per process; pandas' `hash_pandas_object` hashes a
     null string differently for object and Arrow-backed columns). The encoding is column-wise
-    Arrow; the only step per row is one BLAKE2b call on that row's slice (~1 µs, against ~17 µs for
-    a record built as a dict and serialized)."""
+    Arrow; the only step per row is one BLAKE2b call on that row's slice: 1.6 s of CPU for 1,000,000
+    rows, where building and serializing each record (version 1) cost 26 s."""
     encoded = _canonical(contacts)
     if not len(encoded):
         return np.zeros(0, np.uint64)
