@@ -1,4 +1,4 @@
-"""The seven scenarios of issue #6, each against a sandbox started as its own process.
+"""The scenarios of issues #6 and #11, each against a sandbox started as its own process.
 
 Every figure is a ratio of two things measured in the same run (or a count), so a slow or busy
 machine moves both sides together: extraction over the bound its page latency allows, import
@@ -64,6 +64,9 @@ class Plan:
     clients_members: int = 30_000
     clients_repeats: int = 3
     clients_import_records: int = 16_000  # 20 s at 8/s: a limiter that adapts to a busy machine settles
+    refresh_members: int = 1_000_000  # scenario 8: a full refresh of an unchanged list
+    refresh_bumped: int = 10_000  # members whose last_changed moves
+    refresh_changed: int = 100  # of them, with a change Ometria receives
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -85,6 +88,8 @@ class Plan:
             clients_members=10_000,
             clients_repeats=2,
             clients_import_records=2_400,
+            refresh_members=50_000,
+            refresh_bumped=2_000,
         )
 
 
@@ -556,6 +561,13 @@ def many_lists(ctx: Context) -> dict[str, Any]:
     return run_many_lists(ctx)
 
 
+# ---------------------------------------------------------------------------------------- 8. push only what changed
+def refresh(ctx: Context) -> dict[str, Any]:
+    from benchmarks.refresh import run_refresh
+
+    return run_refresh(ctx)
+
+
 # ---------------------------------------------------------------------------------------- 7. many clients
 def many_clients(ctx: Context) -> dict[str, Any]:
     p = ctx.plan
@@ -709,4 +721,5 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "5": cpu,
     "6": many_lists,
     "7": many_clients,
+    "8": refresh,
 }

@@ -10,7 +10,7 @@ Contacts are 64-bit keys (`staging.id_keys`, passed in by the caller), so millio
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -82,8 +82,10 @@ def judge(keys: np.ndarray, seen: np.ndarray, listed: np.ndarray, judged_until: 
 class Backlog:
     """The records of a push waiting to go, and what to record as held once Ometria has answered.
 
-    `add` sorts a batch into records to push (changed) and rows Ometria holds as they are (skipped);
-    `take` hands out whole batches of the waiting records with the rows to record for them."""
+    `add` sorts a batch into records to push (changed) and rows Ometria holds as they are (skipped),
+    by hash alone: records are built only for the changed rows, so an unchanged row costs its hash
+    and a lookup, never a record; `take` hands out whole batches of the waiting records with the rows
+    to record for them."""
 
     held: KnownHashes
     skipped: int = 0
@@ -92,12 +94,22 @@ class Backlog:
     seen_rows: list[pa.Table] = field(default_factory=list)  # skipped since the last `take`
 
     def add(
-        self, ids: pa.Array, emails: pa.Array, keys: np.ndarray, records: list[dict[str, Any]], hashes: np.ndarray
+        self,
+        ids: pa.Array,
+        emails: pa.Array,
+        keys: np.ndarray,
+        hashes: np.ndarray,
+        records_of: Callable[[np.ndarray], list[dict[str, Any]]],
     ) -> None:
+        """`records_of(changed)`: the records of the rows where the mask `changed` is true, in order."""
         same = self.held.unchanged(keys, hashes)
         rows = pa.table({"id": ids, "email": emails, "hash": pa.array(hashes)})
         self.skipped += int(same.sum())
-        self.todo += [r for r, s in zip(records, same, strict=True) if not s]
+        if not same.all():
+            records = records_of(~same)
+            if len(records) != int((~same).sum()):
+                raise ValueError(f"{len(records)} records for {int((~same).sum())} changed rows")
+            self.todo += records
         self.todo_rows.append(rows.filter(pa.array(~same)))
         self.seen_rows.append(rows.filter(pa.array(same)))
 

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from mc_pipeline.reconcile import NEVER, KnownHashes, judge
 from mc_pipeline.registry import parse_partition_key
+from mc_pipeline.transform import RECORD_HASH_VERSION
 
 RUN_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: `$` would let "id\n" through
 DESTINATION_RE = re.compile(r"[0-9a-f]{16}")
@@ -162,6 +163,8 @@ KNOWN_SCHEMA = pa.schema(
         pa.field("email", pa.string()),
         pa.field("seen", pa.timestamp("s", tz="UTC")),
         pa.field("hash", pa.uint64()),  # of the record Ometria last accepted (transform.record_hashes); null: unknown
+        # what computed `hash` (transform.RECORD_HASH_VERSION); null (files written before it) or another: unknown
+        pa.field("hash_version", pa.uint8()),
     ]
 )
 
@@ -169,7 +172,9 @@ KNOWN_SCHEMA = pa.schema(
 class KnownContacts:
     """The contact ids this pipeline has pushed for one partition and destination (with their
     last email, `seen`: the upper bound of the window of the run that pushed or confirmed them, and
-    `hash`: of the record Ometria last accepted, so an unchanged record is not pushed again).
+    `hash`: of the record Ometria last accepted, so an unchanged record is not pushed again, with the
+    `hash_version` that computed it: a hash of another version, or of none, reads as unknown, so
+    after a change of the hash each record is pushed once, never skipped on a stale comparison).
 
     Mailchimp forgets a member deleted outright; only this record tells a full refresh which
     contacts Ometria still holds for the list. Each import appends a delta file; a full refresh
@@ -199,8 +204,9 @@ class KnownContacts:
         part: int | None = None,
     ) -> None:
         """Record the contacts of a Parquet file (streamed) or a table (with their `hash` when it has
-        one), but the ids in `exclude`, as seen at `seen` (default: now). `part` numbers the files
-        of a run that records what Ometria accepted as it goes (one per checkpoint)."""
+        one, of today's `RECORD_HASH_VERSION`), but the ids in `exclude`, as seen at `seen` (default:
+        now). `part` numbers the files of a run that records what Ometria accepted as it goes (one
+        per checkpoint)."""
         if not RUN_ID_RE.fullmatch(run_id):
             raise ValueError("unsafe run id")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -218,7 +224,11 @@ class KnownContacts:
         with pq.ParquetWriter(tmp, KNOWN_SCHEMA) as out:
             for batch in batches:
                 table = pa.Table.from_batches([batch])
-                table = _known(table.append_column("seen", pa.array([stamp] * table.num_rows, stamp.type)))
+                table = table.append_column("seen", pa.array([stamp] * table.num_rows, stamp.type))
+                if "hash" in table.column_names:
+                    version = pa.scalar(RECORD_HASH_VERSION, pa.uint8())
+                    table = table.append_column("hash_version", _where_valid(table.column("hash"), version))
+                table = _known(table)
                 if len(drop):
                     table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=drop)))
                 out.write_table(table)
@@ -238,12 +248,15 @@ class KnownContacts:
         return table.take(pc.index_in(pc.unique(ids), value_set=ids))  # each id's first, i.e. newest, row
 
     def hashes(self, key: Callable[[pa.Array], np.ndarray]) -> KnownHashes:
-        """Each known contact's newest hash, by 64-bit key (`key`), streamed: 16 bytes a contact."""
+        """Each known contact's newest hash, by 64-bit key (`key`), streamed: 16 bytes a contact. A
+        hash of another `hash_version` than today's is 0 (unknown): its record is pushed, once."""
         keys_l, hashes_l = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
         for f in self.files():  # newest first
-            for b in _batches(f):
+            for b in _batches(f, ["id", "hash", "hash_version"]):
                 keys_l.append(key(b.column("id")))
-                hashes_l.append(np.asarray(pc.fill_null(b.column("hash"), 0).to_numpy(), dtype=np.uint64))
+                current = pc.fill_null(pc.equal(b.column("hash_version"), RECORD_HASH_VERSION), False)
+                hashes = pc.if_else(current, pc.fill_null(b.column("hash"), 0), pa.scalar(0, pa.uint64()))
+                hashes_l.append(np.asarray(hashes.to_numpy(zero_copy_only=False), dtype=np.uint64))
         return KnownHashes.newest(np.concatenate(keys_l), np.concatenate(hashes_l))
 
     def reconcile(
@@ -285,19 +298,26 @@ class KnownContacts:
         return pa.concat_tables(gone) if gone else KNOWN_SCHEMA.empty_table()
 
 
-def _known(table: pa.Table) -> pa.Table:
-    """A known-contacts table in today's schema; files from before `seen` or `hash` get them empty."""
-    for name in ("seen", "hash"):
+def _known(table: pa.Table, names: list[str] | None = None) -> pa.Table:
+    """A known-contacts table in today's schema (or its columns `names`); files from before `seen`,
+    `hash` or `hash_version` get them empty."""
+    schema = pa.schema([KNOWN_SCHEMA.field(n) for n in names]) if names else KNOWN_SCHEMA
+    for name in schema.names:
         if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, KNOWN_SCHEMA.field(name).type))
-    return table.select(KNOWN_SCHEMA.names).cast(KNOWN_SCHEMA)
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(schema.names).cast(schema)
 
 
-def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+def _where_valid(column: pa.ChunkedArray, value: pa.Scalar) -> pa.ChunkedArray:
+    """`value` where `column` is not null, else null."""
+    return pc.if_else(pc.is_valid(column), value, pa.scalar(None, value.type))
+
+
+def _batches(path: Path, names: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     source = pq.ParquetFile(path)
-    columns = [c for c in KNOWN_SCHEMA.names if c in source.schema_arrow.names]
+    columns = [c for c in (names or KNOWN_SCHEMA.names) if c in source.schema_arrow.names]
     for batch in source.iter_batches(batch_size=50_000, columns=columns):
-        yield from _known(pa.Table.from_batches([batch])).to_batches()
+        yield from _known(pa.Table.from_batches([batch]), names).to_batches()
 
 
 def _seconds(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

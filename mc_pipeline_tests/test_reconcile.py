@@ -44,13 +44,19 @@ def test_known_hashes_take_each_keys_newest_row() -> None:
     assert not KnownHashes.none().unchanged(np.array([5], np.uint64), np.array([50], np.uint64)).any()
 
 
-def _add(backlog: Backlog, ids: list[int], hashes: list[int]) -> None:
+def _add(backlog: Backlog, ids: list[int], hashes: list[int], built: list[int] | None = None) -> None:
+    """`built`, when given, collects the ids whose record the backlog asked for."""
     names = [f"{i:032x}" for i in ids]
-    records = [{"id": n} for n in names]
     id_array = pa.array(names)
-    backlog.add(
-        id_array, pa.array([f"{n}@x.org" for n in names]), id_keys(id_array), records, np.array(hashes, np.uint64)
-    )
+
+    def records_of(changed: np.ndarray) -> list[dict]:
+        chosen = [i for i, c in zip(ids, changed, strict=True) if c]
+        if built is not None:
+            built.extend(chosen)
+        return [{"id": f"{i:032x}"} for i in chosen]
+
+    emails = pa.array([f"{n}@x.org" for n in names])
+    backlog.add(id_array, emails, id_keys(id_array), np.array(hashes, np.uint64), records_of)
 
 
 def test_the_backlog_hands_out_whole_batches_and_what_to_record_once_answered() -> None:
@@ -65,6 +71,20 @@ def test_the_backlog_hands_out_whole_batches_and_what_to_record_once_answered() 
     assert [[r["id"][-1] for r in b] for b in batches] == [["6", "7"]]
     assert recorded is not None and recorded.column("id").to_pylist() == [f"{6:032x}", f"{7:032x}"]
     assert backlog.take(4, final=True) == ([], None)
+
+
+def test_the_backlog_builds_records_only_for_the_changed_rows() -> None:
+    """An unchanged row costs its hash and a lookup, never a record (issue 11, item 4: a full refresh
+    of an unchanged list builds no record at all)."""
+    held = KnownHashes.newest(id_keys(pa.array([f"{i:032x}" for i in range(4)])), np.array([1, 2, 3, 4], np.uint64))
+    backlog, built = Backlog(held), []
+    _add(backlog, [0, 1, 2, 3], [1, 2, 3, 4], built)  # all unchanged
+    assert built == [] and backlog.skipped == 4 and not backlog.todo
+    _add(backlog, [0, 1, 2, 3, 9], [1, 7, 3, 4, 5], built)  # 1 changed, 9 new
+    assert built == [1, 9] and [r["id"] for r in backlog.todo] == [f"{1:032x}", f"{9:032x}"]
+    batches, recorded = backlog.take(100, final=True)
+    assert [len(b) for b in batches] == [2]
+    assert recorded is not None and recorded.num_rows == 9  # the skipped and the pushed, each with its hash
 
 
 def test_listed_keys_are_sorted_and_unique() -> None:

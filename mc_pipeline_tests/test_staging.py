@@ -216,3 +216,41 @@ def test_known_hashes_are_the_newest_per_contact_and_survive_the_fold(tmp_path: 
     after = known.hashes(id_keys)
     assert after.unchanged(id_keys(pa.array([a, b, c])), np.array([11, 22, 23], np.uint64)).all()
     assert len(after.keys) == 3 and known.read().column("hash").to_pylist().count(None) == 0
+
+
+def test_hashes_of_another_version_read_as_unknown_never_as_a_match(tmp_path: Path) -> None:
+    """A change of the hash (transform.RECORD_HASH_VERSION) leaves the stored hashes meaningless: they
+    read as unknown, so each such record is pushed once, never skipped on a stale comparison."""
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+
+    from mc_pipeline.storage import KNOWN_SCHEMA, KnownContacts
+    from mc_pipeline.transform import RECORD_HASH_VERSION
+
+    a, b, c = ("a" * 32, "b" * 32, "c" * 32)
+    folder = tmp_path / "known"
+    folder.mkdir()
+    seen = pa.array([datetime(2026, 1, 1, tzinfo=UTC)], KNOWN_SCHEMA.field("seen").type)
+    # Written before `hash_version` existed (version 1: a hash of the record's bytes), and by a later version.
+    pq.write_table(
+        pa.table({"id": [a], "email": ["a@x.org"], "seen": seen, "hash": pa.array([11], pa.uint64())}),
+        folder / "delta-v1.parquet",
+    )
+    later = pa.array([RECORD_HASH_VERSION + 1], pa.uint8())
+    pq.write_table(
+        pa.table(
+            {"id": [b], "email": ["b@x.org"], "seen": seen, "hash": pa.array([12], pa.uint64()), "hash_version": later}
+        ),
+        folder / "delta-later.parquet",
+    )
+    time.sleep(0.01)
+    known = KnownContacts(folder)
+    known.add("run1", pa.table({"id": [c], "email": ["c@x.org"], "hash": pa.array([13], pa.uint64())}))
+    probe = (id_keys(pa.array([a, b, c])), np.array([11, 12, 13], np.uint64))
+    assert known.hashes(id_keys).unchanged(*probe).tolist() == [False, False, True]
+    versions = {r["id"]: r["hash_version"] for r in known.read().to_pylist()}
+    assert versions == {a: None, b: RECORD_HASH_VERSION + 1, c: RECORD_HASH_VERSION}
+    known.reconcile(id_keys(pa.array([a, b, c])), id_keys)  # the fold keeps each row's version
+    assert known.hashes(id_keys).unchanged(*probe).tolist() == [False, False, True]

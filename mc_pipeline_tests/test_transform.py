@@ -274,38 +274,3 @@ def test_tombstones_are_forced_opt_outs() -> None:
 
     (t,) = tombstones(pa.table({"id": ["x"], "email": ["x@example.org"]}), "mailchimp-0123456789", datetime.now(UTC))
     assert t["marketing_optin"] == "EXPLICITLY_OPTEDOUT" and t["@force_optin"] is True and t["@merge"] is True
-
-
-def test_record_hashes_are_of_the_exact_bytes_sent_and_see_every_field() -> None:
-    """Item 4 of issue 11: a record is skipped only when its bytes as sent are those Ometria accepted."""
-    import hashlib
-
-    import numpy as np
-
-    from mc_pipeline.transform import record_hashes
-
-    def hashed(m: dict[str, Any], collection: str = "mailchimp-0123456789", force: bool = False) -> int:
-        staged, _ = parse_page(orjson.dumps({"members": [m], "total_items": 1}))
-        hashes = record_hashes(record_dicts(to_contacts(staged, collection, force)[0]))
-        assert hashes.dtype == np.uint64 and len(hashes) == 1
-        return int(hashes[0])
-
-    records = record_dicts(convert(member())[0])
-    (raw,) = [b for _, b in encode_records(records)[0]]
-    h = hashed(member())
-    assert h == int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") != 0
-    assert hashed(member()) == h  # stable
-    # Every field Ometria stores moves the hash: timestamps, opt-in, the forced flag, properties, the collection.
-    for changed in (
-        {"timestamp_opt": "2024-01-03T03:04:06+00:00"},
-        {"timestamp_signup": "2024-01-02T03:04:06+00:00"},
-        {"status": "unsubscribed"},
-        {"merge_fields": {"FNAME": "Ada", "LNAME": "Lovelace", "CITY": "London"}},
-    ):
-        assert hashed(member(**changed)) != h, changed
-    assert hashed(member(), force=True) != h
-    assert hashed(member(), collection="mailchimp-0a1b2c3d4e") != h
-    # last_changed alone is not sent for a subscribed member; for an opted-out one it is timestamp_unsubscribed.
-    assert hashed(member(last_changed="2031-01-01T00:00:00+00:00")) == h
-    out = member(status="unsubscribed")
-    assert hashed({**out, "last_changed": "2031-01-01T00:00:00+00:00"}) != hashed(out)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
+import pytest
 import yaml
 from dagster import DagsterInstance
 
@@ -16,6 +19,7 @@ from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import SandboxConfig
 from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import PipelineStorage
+from mc_pipeline.transform import record_dicts
 from mc_pipeline_tests.faults.test_crash import crash_env, kill_when, start_materialize
 from mc_pipeline_tests.faults.test_rejections import _list, _pattern
 from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, sync
@@ -188,3 +192,52 @@ def test_the_first_batches_are_judged_once_per_import_not_at_every_checkpoint(
     contacts = metadata(result, "ometria/contacts")
     assert contacts["records"] == 2600 and contacts["requests"] - contacts["retries"] == 26
     assert contacts["error_lookups"] == 3 + 1  # one lookup a checkpoint, one judgement (at each: 3 + 3)
+
+
+def test_a_full_refresh_of_an_unchanged_list_builds_no_record(
+    small_env: LocalEnvironment, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The skip pass costs what changed: unchanged rows are judged by their column-wise hash and never
+    become a record (a dict, then bytes); only the changed rows do."""
+    from mc_pipeline.assets import ometria
+
+    sb = small_env.sandbox
+    list_id, partition = _list(small_env, 0)
+    _contacts(instance, partition)
+    built: list[int] = []
+
+    def counted(batch: Any) -> list[dict]:
+        built.append(batch.num_rows)
+        return record_dicts(batch)
+
+    monkeypatch.setattr(ometria, "record_dicts", counted)
+    sb.clock.advance(2)
+    full = _contacts(instance, partition, full_refresh=True)
+    assert full["records"] == full["unchanged_skipped"] > 1000 and full["pushed"] == 0
+    assert sum(built) == 0
+    member = next(m for m in sb.mailchimp_list(list_id).members(include_archived=False) if m["status"] == "subscribed")
+    sb.update_member(list_id, member["id"], merge_fields={"FNAME": "Changed"})
+    sb.clock.advance(2)
+    incremental = _contacts(instance, partition)
+    assert incremental["pushed"] == 1 and sum(built) == 1
+
+
+def test_hashes_stored_before_the_hash_version_are_unknown_so_each_record_is_pushed_once(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    """A store written by the row-wise hash (no `hash_version`: version 1) cannot be compared with
+    today's hashes: the next full refresh pushes every record once (and records today's hashes), the
+    one after pushes nothing. Never a silent skip on a hash of another kind."""
+    sb = small_env.sandbox
+    _, partition = _list(small_env, 0)
+    first = _contacts(instance, partition)
+    for f in PipelineStorage().known_contacts(partition).files():
+        table = pq.read_table(f)
+        pq.write_table(table.select(["id", "email", "seen", "hash"]), f)  # as version 1 wrote them
+    sb.clock.advance(2)
+    once = _contacts(instance, partition, full_refresh=True)
+    assert once["unchanged_skipped"] == 0 and once["pushed"] == once["accepted"] == first["records"]
+    sb.clock.advance(2)
+    again = _contacts(instance, partition, full_refresh=True)
+    assert again["pushed"] == 0 and again["unchanged_skipped"] == again["records"]
+    assert_ometria_matches(sb, partition)
