@@ -8,6 +8,7 @@ the next run's window starts from, so a failed or partial import never moves it.
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,12 +40,14 @@ from mc_pipeline.reconcile import Backlog, KnownHashes, listed_keys, tombstones
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, OmetriaClient, PushStats
+from mc_pipeline.resources.ometria_outcome import PushOutcome
+from mc_pipeline.resources.ometria_push import Fanout
 from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import KnownContacts, PipelineStorage, RunFolder, load_keys, save_keys
 from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts
 
 CONTACTS_COLUMNS = table_schema(CONTACT_SCHEMA)  # fixed: the UI shows it before the first sync
-CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; a checkpoint stalls the push about 0.2 s
+CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; the next part pushes while one is recorded
 
 
 @op(out=Out(ContactsFile, io_manager_key="state_io_manager"), tags={"kind": "arrow"})
@@ -264,7 +267,7 @@ def _reconcile(
             "opting them out in Ometria"
         )
         batches = [tombstones(b, contacts.collection, run.window.before) for b in gone.to_batches(MAX_RECORDS)]
-        dead = _push(context, om, stats, run.list_id, lambda: iter(batches))
+        dead = _push(context, om, stats, run.list_id, batches)
     return gone.num_rows, dead
 
 
@@ -286,8 +289,9 @@ def _push_changes(
 ) -> Pushed:
     """Stream the records from Parquet; skip those whose exact bytes Ometria last accepted (their hash
     in `known`), push the others. Every `checkpoint` records pushed, once Ometria's answers and
-    errors are in, record what it accepted (and the skipped, seen again): a crash loses at most that
-    much progress, and a record refused after the answer never counts as held."""
+    errors of those are in (while the next part pushes), record what it accepted (and the skipped,
+    seen again): a crash loses at most that much progress plus what was pushed while its last
+    errors were looked up, and a record refused after the answer never counts as held."""
     run = contacts.run
     backlog = Backlog(KnownHashes.none() if run.push_all else known.hashes(id_keys))
     out = Pushed()
@@ -299,46 +303,45 @@ def _push_changes(
             f"{s.requests} requests, {s.throttled} throttled"
         )
 
-    def flush(final: bool) -> None:
+    def record(batches: list[list[dict]], recorded: pa.Table | None, outcome: PushOutcome) -> None:
         nonlocal part
-        batches, recorded = backlog.take(MAX_RECORDS, final)
-        # The import's first batches are judged once (a systemic rejection), not at every checkpoint.
-        first = stats.batches == 0
-        push = partial(_push, context, om, stats, run.list_id, lambda: iter(batches), progress, first)
-        dead = push() if batches else []
+        dead = outcome.dead_letters(batches) if outcome.refused else []
         out.rejected += dead
         if recorded is not None:
             # `seen`: see KnownContacts: a full refresh beside this run must not judge them
             known.add(run.run_id, recorded, exclude={d["record_id"] for d in dead}, seen=run.window.before, part=part)
             part += 1
 
-    for batch in pq.ParquetFile(contacts.path).iter_batches(batch_size=1_000):
-        records = record_dicts(batch)
-        ids = batch.column("id")
-        backlog.add(ids, batch.column("email"), id_keys(ids), records, record_hashes(records))
-        if backlog.due(checkpoint):
-            flush(final=False)
-    flush(final=True)
+    with _pushing(context, om, stats, run.list_id, progress) as fanout:
+        for batch in pq.ParquetFile(contacts.path).iter_batches(batch_size=1_000):
+            records = record_dicts(batch)
+            ids = batch.column("id")
+            backlog.add(ids, batch.column("email"), id_keys(ids), records, record_hashes(records))
+            if backlog.due(checkpoint):
+                batches, recorded = backlog.take(MAX_RECORDS, final=False)
+                fanout.push(batches, partial(record, batches, recorded))
+        batches, recorded = backlog.take(MAX_RECORDS, final=True)
+        fanout.push(batches, partial(record, batches, recorded))
     out.skipped = backlog.skipped
     if out.skipped:
         context.log.info(f"{run.partition}: {out.skipped} of {contacts.records} records unchanged in Ometria: skipped")
     return out
 
 
-def _push(
+@contextmanager
+def _pushing(
     context: OpExecutionContext,
     om: OmetriaClient,
     stats: PushStats,
     list_id: str,
-    batches: Callable[[], Iterator[list[dict]]],
     progress: Callable[[PushStats], None] | None = None,
-    judge_first: bool = True,
-) -> list[dict]:
-    """One push with the client; `batches()` gives the same batches again to build the dead letters
-    (refusals name a batch and a place, so nothing is held in memory while pushing)."""
+) -> Iterator[Fanout]:
+    """A push in parts with the client (see `Fanout`): an API error as the op's failure, and a warning
+    for the records Ometria's answers accepted that failed its validation later."""
     late_before = stats.failed_after_answer
     try:
-        outcome = om.push_batches(batches(), stats, list_id=list_id, progress=progress, judge_first=judge_first)
+        with om.fanout(stats, list_id=list_id, progress=progress) as fanout:
+            yield fanout
     except ApiError as exc:
         raise failure(exc) from None
     if stats.failed_after_answer > late_before:
@@ -346,7 +349,17 @@ def _push(
             f"{om.client_id}:{list_id}: {stats.failed_after_answer - late_before} records accepted by Ometria's answer "
             "failed its validation later (GET /push/_errors): dead letters, not recorded as held"
         )
-    return outcome.dead_letters(batches()) if outcome.refused else []
+
+
+def _push(
+    context: OpExecutionContext, om: OmetriaClient, stats: PushStats, list_id: str, batches: list[list[dict]]
+) -> list[dict]:
+    """One push of these batches: the dead letters of what Ometria refused (refusals name a batch and
+    a place, so the batches are read again to build them)."""
+    dead: list[dict] = []
+    with _pushing(context, om, stats, list_id) as fanout:
+        fanout.push(batches, lambda outcome: dead.extend(outcome.dead_letters(batches) if outcome.refused else []))
+    return dead
 
 
 @graph_asset(
