@@ -123,7 +123,8 @@ class ImportConfig(Config):
         default=CHECKPOINT_RECORDS,
         ge=MAX_RECORDS,
         description="records pushed between two recordings of what Ometria accepted: a crashed run's "
-        "re-run pushes again at most this many of those it had pushed",
+        "re-run pushes again at most this many of those it had pushed (and those pushed while their "
+        "errors were looked up)",
     )
 
 
@@ -288,10 +289,10 @@ def _push_changes(
     checkpoint: int,
 ) -> Pushed:
     """Stream the records from Parquet; skip those whose exact bytes Ometria last accepted (their hash
-    in `known`), push the others. Every `checkpoint` records pushed, once Ometria's answers and
-    errors of those are in (while the next part pushes), record what it accepted (and the skipped,
-    seen again): a crash loses at most that much progress plus what was pushed while its last
-    errors were looked up, and a record refused after the answer never counts as held."""
+    in `known`), push the others as they are read. Every `checkpoint` records pushed, once Ometria's
+    answers and errors of those are in (while the next ones push), record what it accepted (and the
+    skipped, seen again): a crash loses at most that much progress plus what was pushed while its
+    last errors were looked up, and a record refused after the answer never counts as held."""
     run = contacts.run
     backlog = Backlog(KnownHashes.none() if run.push_all else known.hashes(id_keys))
     out = Pushed()
@@ -313,15 +314,19 @@ def _push_changes(
             part += 1
 
     with _pushing(context, om, stats, run.list_id, progress) as fanout:
+        pushed: list[list[dict]] = []  # since the last checkpoint: its dead letters are built from them
         for batch in pq.ParquetFile(contacts.path).iter_batches(batch_size=1_000):
             records = record_dicts(batch)
             ids = batch.column("id")
             backlog.add(ids, batch.column("email"), id_keys(ids), records, record_hashes(records))
+            pushed += (batches := backlog.take(MAX_RECORDS, final=False))
+            fanout.push(batches)
             if backlog.due(checkpoint):
-                batches, recorded = backlog.take(MAX_RECORDS, final=False)
-                fanout.push(batches, partial(record, batches, recorded))
-        batches, recorded = backlog.take(MAX_RECORDS, final=True)
-        fanout.push(batches, partial(record, batches, recorded))
+                fanout.close_part(partial(record, pushed, backlog.checkpoint()))
+                pushed = []
+        pushed += (batches := backlog.take(MAX_RECORDS, final=True))
+        fanout.push(batches)
+        fanout.close_part(partial(record, pushed, backlog.checkpoint()))
     out.skipped = backlog.skipped
     if out.skipped:
         context.log.info(f"{run.partition}: {out.skipped} of {contacts.records} records unchanged in Ometria: skipped")
@@ -358,7 +363,8 @@ def _push(
     a place, so the batches are read again to build them)."""
     dead: list[dict] = []
     with _pushing(context, om, stats, list_id) as fanout:
-        fanout.push(batches, lambda outcome: dead.extend(outcome.dead_letters(batches) if outcome.refused else []))
+        fanout.push(batches)
+        fanout.close_part(lambda outcome: dead.extend(outcome.dead_letters(batches) if outcome.refused else []))
     return dead
 
 

@@ -29,11 +29,12 @@ from mc_pipeline.resources.errors import (
     OmetriaQuotaError,
     OmetriaRequestError,
     OmetriaUnavailable,
+    PushStopped,
 )
 from mc_pipeline.resources.http import TRANSIENT, HttpSettings, pooled_session
 from mc_pipeline.resources.limits import SlidingWindowLimiter, account_limiter, fingerprint
 from mc_pipeline.resources.ometria_outcome import PushOutcome, PushResult, PushStats
-from mc_pipeline.resources.ometria_push import LOOKUP_CHUNK, Fanout, PushStopped
+from mc_pipeline.resources.ometria_push import LOOKUP_CHUNK, Fanout
 from mc_pipeline.resources.retry import HttpRetryPolicy, Retryable, retry_after
 
 log = logging.getLogger(__name__)

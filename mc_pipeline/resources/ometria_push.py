@@ -8,8 +8,8 @@
   looked up by request_id, 50 requests per lookup, on the data API's own limiter, while later
   batches push (one lookup thread), and tied to a record by the request and the record's place in
   it, never to the newest error of another thread.
-- A push comes in parts (`Fanout.push`, one per checkpoint of the import): a part is handed on,
-  in order, once all its answers and lookups are in, while the next part pushes.
+- A push comes in parts (`Fanout.push`, `close_part`: a checkpoint of the import); a part is handed
+  on, in order, once all its answers and lookups are in, while the next one pushes.
 - A request refused as a whole (400) is isolated: the record it names is taken out, else it is
   halved, within a budget of extra requests (a quarter of the part's, plus one halving).
 - A systemic rejection (half the records of the first batches, or of all of a part so far) stops
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
-from mc_pipeline.resources.errors import OmetriaBatchRejected, OmetriaError
+from mc_pipeline.resources.errors import OmetriaBatchRejected, OmetriaSystemicRejection, PushStopped
 from mc_pipeline.resources.ometria_outcome import PushOutcome, PushResult, PushStats, Refusal
 from mc_pipeline.transform import encode_records
 
@@ -40,15 +40,6 @@ EXTRA_SHARE = 0.25  # isolation requests allowed, as a share of the part's batch
 EXTRA_FLOOR = 14  # plus one halving of a 100-record batch down to its one bad record
 LOOKUP_CHUNK = 50  # request ids per `GET /push/_errors`
 _INDEX = re.compile(r"\[(\d+)\]")
-
-
-class OmetriaSystemicRejection(OmetriaError):
-    """Ometria refuses most records, or whole requests beyond the isolation budget: a mapping bug or
-    a changed rule, not bad members. Not retried: someone has to look."""
-
-
-class PushStopped(OmetriaError):
-    """Another thread met a refusal that stops the account's pushes; this one sent nothing more."""
 
 
 class PushClient(Protocol):
@@ -71,10 +62,12 @@ class _Sent:
 
 @dataclass
 class _Part:
-    """One `Fanout.push`: its requests, what Ometria refused of them, and whether all of it is in."""
+    """A part of a push (a checkpoint of the import): its requests, what Ometria refused of them, and
+    whether all of it is in."""
 
-    then: Callable[[PushOutcome], None] | None
     judged: bool  # its first batches are judged (the push's first part)
+    then: Callable[[PushOutcome], None] | None = None  # given when it is closed
+    handed: int = 0  # batches handed to a thread: the next one's ordinal
     sent: dict[str, _Sent] = field(default_factory=dict)
     refused: dict[tuple[int, int], Refusal] = field(default_factory=dict)
     first: list[str] = field(default_factory=list)  # request ids of the first batches: the judgement's
@@ -96,7 +89,8 @@ class _Part:
 
 class Fanout:
     """One push in parts: threads, the stop flag, what each request held, and what Ometria refused.
-    A context manager; `push` adds a part, leaving the `with` waits for every part to be in."""
+    A context manager: `push` hands batches on to the open part, `close_part` ends it; leaving the
+    `with` waits for every part to be in."""
 
     def __init__(
         self,
@@ -112,7 +106,8 @@ class Fanout:
         self.changed = threading.Condition(self.lock)  # a task ended or the judgement came in
         self.parts: list[_Part] = []  # not yet handed on, in order
         self.failures: list[BaseException] = []
-        self.in_flight = self.looking = self.started = 0
+        self.in_flight = self.looking = self.opened = 0
+        self.open: _Part | None = None
         self.judgement_in = False
         self.last_progress = time.monotonic()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix=f"om-{list_id}")
@@ -125,6 +120,8 @@ class Fanout:
         failed = kind is not None
         try:
             if not failed:
+                if self.open is not None:
+                    self.close_part(None)
                 self._wait_for(lambda: not self.parts)
         except BaseException:
             failed = True
@@ -139,33 +136,48 @@ class Fanout:
         """The whole push as one part."""
         outcomes: list[PushOutcome] = []
         with self:
-            self.push(batches, outcomes.append)
+            self.push(batches)
+            self.close_part(outcomes.append)
         return outcomes[0]
 
     # ------------------------------------------------------------------ the push
-    def push(self, batches: Iterable[list[dict[str, Any]]], then: Callable[[PushOutcome], None] | None) -> None:
-        """Push these batches as one part; returns once the last is handed to a thread. `then(outcome)`
-        is called in this thread once the part's answers and lookups are in, parts in order (meanwhile
-        the next part pushes); its batch ordinals count from 0."""
-        part = _Part(then, judged=not self.started)
-        self.started += 1
-        with self.lock:
-            self.parts.append(part)
-        for ordinal, batch in enumerate(batches):
+    def push(self, batches: Iterable[list[dict[str, Any]]]) -> None:
+        """Push these batches in the open part (their ordinals go on from its last batch's); returns
+        once the last is handed to a thread: their answers and lookups come later."""
+        part = self._open()
+        for batch in batches:
+            ordinal = part.handed
             if part.judged and ordinal == FIRST_BATCHES + JUDGE_AHEAD:
                 self._wait_for(lambda: self.judgement_in)
             self._wait_for(lambda: self.in_flight < 2 * self.workers)
             with self.lock:
                 self.in_flight += 1
                 part.unanswered += 1
+                part.handed += 1
             self.pool.submit(self._task, False, part, self._one, part, ordinal, batch)
             if self.progress is not None and time.monotonic() - self.last_progress >= 10:
                 self.last_progress = time.monotonic()
                 self.progress(self.stats)
+        self._wait_for(lambda: True)  # hands on the parts already in
+
+    def close_part(self, then: Callable[[PushOutcome], None] | None) -> None:
+        """End the open part: `then(outcome)` is called in this thread once all its answers and lookups
+        are in (parts in order, while the next part pushes); its refusals' ordinals count from 0."""
+        part = self._open()
+        self.open = None
         with self.lock:
+            part.then = then
             part.closed = True
             self._tail(part)
-        self._wait_for(lambda: True)  # hands on the parts already in
+        self._wait_for(lambda: True)
+
+    def _open(self) -> _Part:
+        if self.open is None:
+            self.open = _Part(judged=not self.opened)
+            self.opened += 1
+            with self.lock:
+                self.parts.append(self.open)
+        return self.open
 
     def _wait_for(self, ready: Callable[[], bool]) -> None:
         """Block until `ready()`; meanwhile hand on the parts that are in and raise the first failure."""

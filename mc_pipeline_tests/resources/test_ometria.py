@@ -11,10 +11,15 @@ import pytest
 
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.registry import YamlClientRegistry
-from mc_pipeline.resources.errors import OmetriaAuthError, OmetriaQuotaError, OmetriaUnavailable
+from mc_pipeline.resources.errors import (
+    OmetriaAuthError,
+    OmetriaQuotaError,
+    OmetriaSystemicRejection,
+    OmetriaUnavailable,
+)
 from mc_pipeline.resources.limits import SlidingWindowLimiter
 from mc_pipeline.resources.ometria import OmetriaClient, OmetriaResource, PushStats
-from mc_pipeline.resources.ometria_push import FIRST_BATCHES, JUDGE_AHEAD, OmetriaSystemicRejection
+from mc_pipeline.resources.ometria_push import FIRST_BATCHES, JUDGE_AHEAD
 from mc_pipeline_tests.conftest import make_env
 
 FAST = OmetriaResource(backoff_base_s=0.01, backoff_cap_s=0.05)
