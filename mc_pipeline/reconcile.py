@@ -84,14 +84,16 @@ class Backlog:
 
     `add` sorts a batch into records to push (changed) and rows Ometria holds as they are (skipped),
     by hash alone: records are built only for the changed rows, so an unchanged row costs its hash
-    and a lookup, never a record; `take` hands out whole batches of the waiting records with the rows
-    to record for them."""
+    and a lookup, never a record; `take` hands out whole batches of the waiting records, to push at
+    once; `checkpoint` the rows to record once those handed out since the last checkpoint are
+    answered: theirs and the skipped."""
 
     held: KnownHashes
     skipped: int = 0
     todo: list[dict[str, Any]] = field(default_factory=list)  # records to push, in order
     todo_rows: list[pa.Table] = field(default_factory=list)  # their id, email and hash
-    seen_rows: list[pa.Table] = field(default_factory=list)  # skipped since the last `take`
+    seen_rows: list[pa.Table] = field(default_factory=list)  # skipped since the last checkpoint
+    taken_rows: list[pa.Table] = field(default_factory=list)  # handed out since the last checkpoint
 
     def add(
         self,
@@ -114,20 +116,28 @@ class Backlog:
         self.seen_rows.append(rows.filter(pa.array(same)))
 
     def due(self, checkpoint: int) -> bool:
-        """Time to push and record: `checkpoint` records wait, or ten times as many were skipped."""
-        return len(self.todo) >= checkpoint or sum(t.num_rows for t in self.seen_rows) >= 10 * checkpoint
+        """Time to record: `checkpoint` records were handed out since the last checkpoint, or ten times
+        as many were skipped."""
+        taken, seen = (sum(t.num_rows for t in rows) for rows in (self.taken_rows, self.seen_rows))
+        return taken >= checkpoint or seen >= 10 * checkpoint
 
-    def take(self, batch_size: int, final: bool) -> tuple[list[list[dict[str, Any]]], pa.Table | None]:
-        """(the batches to push now: whole ones only, unless `final`; the rows to record once they
-        are answered: the skipped and those pushed, or None when there is nothing to record)."""
+    def take(self, batch_size: int, final: bool) -> list[list[dict[str, Any]]]:
+        """The batches to push now: whole ones only, unless `final`."""
         n = len(self.todo) if final else len(self.todo) // batch_size * batch_size
         batches = [self.todo[i : min(i + batch_size, n)] for i in range(0, n, batch_size)]
         rows = pa.concat_tables(self.todo_rows) if self.todo_rows else None
-        recorded = self.seen_rows + ([rows.slice(0, n)] if rows is not None and n else [])
+        if rows is not None and n:
+            self.taken_rows.append(rows.slice(0, n))
         self.todo = self.todo[n:]
         self.todo_rows = [rows.slice(n)] if rows is not None and n < rows.num_rows else []
-        self.seen_rows = []
-        return batches, pa.concat_tables(recorded) if recorded else None
+        return batches
+
+    def checkpoint(self) -> pa.Table | None:
+        """The rows to record once the batches handed out since the last checkpoint are answered (the
+        skipped and those pushed), or None when there is nothing to record."""
+        recorded = self.seen_rows + self.taken_rows
+        self.seen_rows, self.taken_rows = [], []
+        return pa.concat_tables(recorded) if recorded else None
 
 
 def tombstones(known: pa.RecordBatch | pa.Table, collection: str, when: datetime) -> list[dict[str, Any]]:

@@ -63,14 +63,17 @@ def test_the_backlog_hands_out_whole_batches_and_what_to_record_once_answered() 
     held = KnownHashes.newest(id_keys(pa.array([f"{i:032x}" for i in range(3)])), np.array([1, 2, 3], np.uint64))
     backlog = Backlog(held)
     _add(backlog, list(range(8)), [1, 2, 9, 4, 5, 6, 7, 8])  # 0 and 1 unchanged; 2 changed; 3..7 new
-    assert backlog.skipped == 2 and len(backlog.todo) == 6 and backlog.due(6) and not backlog.due(7)
-    batches, recorded = backlog.take(4, final=False)
+    assert backlog.skipped == 2 and len(backlog.todo) == 6 and not backlog.due(4)
+    batches = backlog.take(4, final=False)
     assert [[r["id"][-1] for r in b] for b in batches] == [["2", "3", "4", "5"]]  # whole batches only
+    assert backlog.due(4) and not backlog.due(5)  # 4 handed out since the last checkpoint
+    recorded = backlog.checkpoint()
     assert recorded is not None and recorded.column("hash").to_pylist() == [1, 2, 9, 4, 5, 6]  # skipped + pushed
-    batches, recorded = backlog.take(4, final=True)
+    batches = backlog.take(4, final=True)
     assert [[r["id"][-1] for r in b] for b in batches] == [["6", "7"]]
+    recorded = backlog.checkpoint()
     assert recorded is not None and recorded.column("id").to_pylist() == [f"{6:032x}", f"{7:032x}"]
-    assert backlog.take(4, final=True) == ([], None)
+    assert backlog.take(4, final=True) == [] and backlog.checkpoint() is None
 
 
 def test_the_backlog_builds_records_only_for_the_changed_rows() -> None:
@@ -82,7 +85,7 @@ def test_the_backlog_builds_records_only_for_the_changed_rows() -> None:
     assert built == [] and backlog.skipped == 4 and not backlog.todo
     _add(backlog, [0, 1, 2, 3, 9], [1, 7, 3, 4, 5], built)  # 1 changed, 9 new
     assert built == [1, 9] and [r["id"] for r in backlog.todo] == [f"{1:032x}", f"{9:032x}"]
-    batches, recorded = backlog.take(100, final=True)
+    batches, recorded = backlog.take(100, final=True), backlog.checkpoint()
     assert [len(b) for b in batches] == [2]
     assert recorded is not None and recorded.num_rows == 9  # the skipped and the pushed, each with its hash
 

@@ -8,6 +8,7 @@ the next run's window starts from, so a failed or partial import never moves it.
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,12 +40,14 @@ from mc_pipeline.reconcile import Backlog, KnownHashes, listed_keys, tombstones
 from mc_pipeline.resources import ClientRegistryResource, OmetriaResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.ometria import MAX_RECORDS, OmetriaClient, PushStats
+from mc_pipeline.resources.ometria_outcome import PushOutcome
+from mc_pipeline.resources.ometria_push import Fanout
 from mc_pipeline.staging import id_keys
 from mc_pipeline.storage import KnownContacts, PipelineStorage, RunFolder, load_keys, save_keys
 from mc_pipeline.transform import CONTACT_SCHEMA, contact_ids, record_dicts, record_hashes, to_contacts
 
 CONTACTS_COLUMNS = table_schema(CONTACT_SCHEMA)  # fixed: the UI shows it before the first sync
-CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; a checkpoint stalls the push about 0.2 s
+CHECKPOINT_RECORDS = 20_000  # 25 s of pushing at 800 records/s; the next part pushes while one is recorded
 HASH_ROWS = 10_000  # rows hashed at once: the per-call cost of the column-wise hash is spread thin
 PUSH_ROWS = 1_000  # rows sorted into the backlog at once, so a checkpoint falls every 1,000 rows read
 
@@ -122,7 +125,8 @@ class ImportConfig(Config):
         default=CHECKPOINT_RECORDS,
         ge=MAX_RECORDS,
         description="records pushed between two recordings of what Ometria accepted: a crashed run's "
-        "re-run pushes again at most this many of those it had pushed",
+        "re-run pushes again at most this many of those it had pushed (and those pushed while their "
+        "errors were looked up)",
     )
 
 
@@ -275,7 +279,7 @@ def _reconcile(
             "opting them out in Ometria"
         )
         batches = [tombstones(b, contacts.collection, run.window.before) for b in gone.to_batches(MAX_RECORDS)]
-        dead = _push(context, om, stats, run.list_id, lambda: iter(batches))
+        dead = _push(context, om, stats, run.list_id, batches)
     return gone.num_rows, dead
 
 
@@ -296,9 +300,10 @@ def _push_changes(
     checkpoint: int,
 ) -> Pushed:
     """Stream the records from Parquet; skip those whose exact bytes Ometria last accepted (their hash
-    in `known`), push the others. Every `checkpoint` records pushed, once Ometria's answers and
-    errors are in, record what it accepted (and the skipped, seen again): a crash loses at most that
-    much progress, and a record refused after the answer never counts as held."""
+    in `known`), push the others as they are read. Every `checkpoint` records pushed, once Ometria's
+    answers and errors of those are in (while the next ones push), record what it accepted (and the
+    skipped, seen again): a crash loses at most that much progress plus what was pushed while its
+    last errors were looked up, and a record refused after the answer never counts as held."""
     run = contacts.run
     backlog = Backlog(KnownHashes.none() if run.push_all else known.hashes(id_keys))
     out = Pushed()
@@ -310,30 +315,34 @@ def _push_changes(
             f"{s.requests} requests, {s.throttled} throttled"
         )
 
-    def flush(final: bool) -> None:
+    def record(batches: list[list[dict]], recorded: pa.Table | None, outcome: PushOutcome) -> None:
         nonlocal part
-        batches, recorded = backlog.take(MAX_RECORDS, final)
-        # The import's first batches are judged once (a systemic rejection), not at every checkpoint.
-        first = stats.batches == 0
-        push = partial(_push, context, om, stats, run.list_id, lambda: iter(batches), progress, first)
-        dead = push() if batches else []
+        dead = outcome.dead_letters(batches) if outcome.refused else []
         out.rejected += dead
         if recorded is not None:
             # `seen`: see KnownContacts: a full refresh beside this run must not judge them
             known.add(run.run_id, recorded, exclude={d["record_id"] for d in dead}, seen=run.window.before, part=part)
             part += 1
 
-    # The skip pass: hashes and keys column-wise, 10,000 rows at a time; records only for what changed.
-    for chunk in pq.ParquetFile(contacts.path).iter_batches(batch_size=HASH_ROWS):
-        hashes, keys = record_hashes(chunk), id_keys(chunk.column("id"))
-        for start in range(0, chunk.num_rows, PUSH_ROWS):
-            batch = chunk.slice(start, PUSH_ROWS)
-            end = start + batch.num_rows
-            changed = partial(_records_of, batch)
-            backlog.add(batch.column("id"), batch.column("email"), keys[start:end], hashes[start:end], changed)
-            if backlog.due(checkpoint):
-                flush(final=False)
-    flush(final=True)
+    # The skip pass: hashes and keys column-wise, 10,000 rows at a time; records only for what changed,
+    # pushed as they are read.
+    with _pushing(context, om, stats, run.list_id, progress) as fanout:
+        pushed: list[list[dict]] = []  # since the last checkpoint: its dead letters are built from them
+        for chunk in pq.ParquetFile(contacts.path).iter_batches(batch_size=HASH_ROWS):
+            hashes, keys = record_hashes(chunk), id_keys(chunk.column("id"))
+            for start in range(0, chunk.num_rows, PUSH_ROWS):
+                batch = chunk.slice(start, PUSH_ROWS)
+                end = start + batch.num_rows
+                changed = partial(_records_of, batch)
+                backlog.add(batch.column("id"), batch.column("email"), keys[start:end], hashes[start:end], changed)
+                pushed += (batches := backlog.take(MAX_RECORDS, final=False))
+                fanout.push(batches)
+                if backlog.due(checkpoint):
+                    fanout.close_part(partial(record, pushed, backlog.checkpoint()))
+                    pushed = []
+        pushed += (batches := backlog.take(MAX_RECORDS, final=True))
+        fanout.push(batches)
+        fanout.close_part(partial(record, pushed, backlog.checkpoint()))
     out.skipped = backlog.skipped
     if out.skipped:
         context.log.info(f"{run.partition}: {out.skipped} of {contacts.records} records unchanged in Ometria: skipped")
@@ -345,20 +354,20 @@ def _records_of(batch: pa.RecordBatch, changed: np.ndarray) -> list[dict]:
     return record_dicts(batch.filter(pa.array(changed)))
 
 
-def _push(
+@contextmanager
+def _pushing(
     context: OpExecutionContext,
     om: OmetriaClient,
     stats: PushStats,
     list_id: str,
-    batches: Callable[[], Iterator[list[dict]]],
     progress: Callable[[PushStats], None] | None = None,
-    judge_first: bool = True,
-) -> list[dict]:
-    """One push with the client; `batches()` gives the same batches again to build the dead letters
-    (refusals name a batch and a place, so nothing is held in memory while pushing)."""
+) -> Iterator[Fanout]:
+    """A push in parts with the client (see `Fanout`): an API error as the op's failure, and a warning
+    for the records Ometria's answers accepted that failed its validation later."""
     late_before = stats.failed_after_answer
     try:
-        outcome = om.push_batches(batches(), stats, list_id=list_id, progress=progress, judge_first=judge_first)
+        with om.fanout(stats, list_id=list_id, progress=progress) as fanout:
+            yield fanout
     except ApiError as exc:
         raise failure(exc) from None
     if stats.failed_after_answer > late_before:
@@ -366,7 +375,18 @@ def _push(
             f"{om.client_id}:{list_id}: {stats.failed_after_answer - late_before} records accepted by Ometria's answer "
             "failed its validation later (GET /push/_errors): dead letters, not recorded as held"
         )
-    return outcome.dead_letters(batches()) if outcome.refused else []
+
+
+def _push(
+    context: OpExecutionContext, om: OmetriaClient, stats: PushStats, list_id: str, batches: list[list[dict]]
+) -> list[dict]:
+    """One push of these batches: the dead letters of what Ometria refused (refusals name a batch and
+    a place, so the batches are read again to build them)."""
+    dead: list[dict] = []
+    with _pushing(context, om, stats, list_id) as fanout:
+        fanout.push(batches)
+        fanout.close_part(lambda outcome: dead.extend(outcome.dead_letters(batches) if outcome.refused else []))
+    return dead
 
 
 @graph_asset(

@@ -70,6 +70,15 @@ class OmetriaBatchRejected(OmetriaError):
     """400: Ometria refused a whole batch (malformed, too large)."""
 
 
+class OmetriaSystemicRejection(OmetriaError):
+    """Ometria refuses most records, or whole requests beyond the isolation budget: a mapping bug or
+    a changed rule, not bad members. Not retried: someone has to look."""
+
+
+class PushStopped(OmetriaError):
+    """Another thread met a refusal that stops the account's pushes; this one sent nothing more."""
+
+
 class OmetriaUnavailable(OmetriaError):
     """Retries exhausted on 429s, 5xx, timeouts or dropped connections."""
 

@@ -29,10 +29,12 @@ from mc_pipeline.resources.errors import (
     OmetriaQuotaError,
     OmetriaRequestError,
     OmetriaUnavailable,
+    PushStopped,
 )
 from mc_pipeline.resources.http import TRANSIENT, HttpSettings, pooled_session
 from mc_pipeline.resources.limits import SlidingWindowLimiter, account_limiter, fingerprint
-from mc_pipeline.resources.ometria_push import LOOKUP_CHUNK, Fanout, PushOutcome, PushResult, PushStats, PushStopped
+from mc_pipeline.resources.ometria_outcome import PushOutcome, PushResult, PushStats
+from mc_pipeline.resources.ometria_push import LOOKUP_CHUNK, Fanout
 from mc_pipeline.resources.retry import HttpRetryPolicy, Retryable, retry_after
 
 log = logging.getLogger(__name__)
@@ -105,22 +107,29 @@ class OmetriaClient:
         stats: PushStats,
         *,
         list_id: str | None = None,
-        progress: Callable[[PushStats], None] | None = None,
-        judge_first: bool = True,
     ) -> PushOutcome:
         """Push every batch (lists of at most 100 records) with `workers` threads at the account's
-        rate; returns what Ometria refused, each tied to its batch and place. See `ometria_push`.
-        `judge_first=False` for a later part of one import: its first batches were judged already."""
-        fanout = Fanout(self, stats, list_id=list_id, workers=self.workers, progress=progress, judge_first=judge_first)
-        return fanout.run(batches)
+        rate; returns what Ometria refused, each tied to its batch and place. See `ometria_push`."""
+        return self.fanout(stats, list_id=list_id).run(batches)
 
-    def errors_of(self, request_ids: list[str], stats: PushStats, *, list_id: str | None = None) -> list[dict]:
-        """`GET /push/_errors` for these requests, `LOOKUP_CHUNK` at a time; only entries naming one of them."""
+    def fanout(
+        self, stats: PushStats, *, list_id: str | None = None, progress: Callable[[PushStats], None] | None = None
+    ) -> Fanout:
+        """A push in parts (`with client.fanout(...) as f: f.push(batches, then)`): each part is handed
+        on once its answers and errors are in, while the next one pushes. See `ometria_push`."""
+        return Fanout(self, stats, list_id=list_id, workers=self.workers, progress=progress)
+
+    def errors_of(
+        self, request_ids: list[str], stats: PushStats, *, list_id: str | None = None, even_stopped: bool = False
+    ) -> list[dict]:
+        """`GET /push/_errors` for these requests, `LOOKUP_CHUNK` at a time; only entries naming one of them.
+        `even_stopped`: after the stop flag, only to name the reason of the stop (a systemic rejection)."""
         out: list[dict] = []
 
         def before_attempt() -> None:
-            self._check_stop(list_id)
-            self.data_limiter.acquire()
+            if not even_stopped:
+                self._check_stop(list_id)
+            self.data_limiter.acquire()  # the data API's own rate, not the pushes'
             stats.add(lookups=1)
 
         for start in range(0, len(request_ids), LOOKUP_CHUNK):

@@ -6,6 +6,7 @@ keeps what Ometria had accepted by the last checkpoint."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mc_pipeline.local import LocalEnvironment, sandbox_environment
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.sandbox import SandboxConfig
 from mc_pipeline.staging import id_keys
-from mc_pipeline.storage import PipelineStorage
+from mc_pipeline.storage import PipelineStorage, RunFolder
 from mc_pipeline.transform import record_dicts
 from mc_pipeline_tests.faults.test_crash import crash_env, kill_when, start_materialize
 from mc_pipeline_tests.faults.test_rejections import _list, _pattern
@@ -241,3 +242,71 @@ def test_hashes_stored_before_the_hash_version_are_unknown_so_each_record_is_pus
     again = _contacts(instance, partition, full_refresh=True)
     assert again["pushed"] == 0 and again["unchanged_skipped"] == again["records"]
     assert_ometria_matches(sb, partition)
+
+
+def test_the_next_checkpoint_pushes_while_the_last_lookup_of_the_one_before_is_under_way(
+    small_env: LocalEnvironment, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Benchmark 2a: recording a checkpoint does not stall the push. The first part's last errors
+    lookup waits here until the second part's first push is sent (order, not timing); that part's
+    hashes are recorded only once the lookup is in, and what it finds refused is never held."""
+    from dagster import materialize
+
+    from mc_pipeline.assets import ASSETS
+    from mc_pipeline.definitions import resources
+    from mc_pipeline.jobs import sync_run_config
+    from mc_pipeline.resources.ometria import OmetriaClient
+    from mc_pipeline.storage import KnownContacts
+
+    sb = small_env.sandbox
+    list_id, partition = _list(small_env, 1)  # 2,600 records: parts of 1,000, 1,000 and 600 (10, 10, 6 pushes)
+    victims = sb.mailchimp_list(list_id).members(include_archived=False)[500:503]
+    sb.state.config.ometria.late_reject_email_pattern = _pattern(victims)
+    events: list[tuple[str, int]] = []
+    held: list[bool] = []
+    changed = threading.Condition()
+
+    def note(kind: str, n: int | None = None, wait_for: tuple[str, int] | None = None) -> None:
+        with changed:
+            events.append((kind, n if n is not None else 1 + sum(1 for k, _ in events if k == kind)))
+            changed.notify_all()
+            if wait_for is not None:
+                held.append(changed.wait_for(lambda: wait_for in events, timeout=5))
+
+    push, errors_of, add = OmetriaClient.push, OmetriaClient.errors_of, KnownContacts.add
+
+    def traced_push(self: OmetriaClient, *args: Any, **kw: Any) -> Any:
+        note("push")
+        return push(self, *args, **kw)
+
+    def traced_errors_of(self: OmetriaClient, *args: Any, **kw: Any) -> Any:
+        calls = 1 + sum(1 for k, _ in events if k == "lookup")
+        note("lookup", calls, ("push", 11) if calls == 2 else None)  # 1: the judgement, 2: the first part's last
+        out = errors_of(self, *args, **kw)
+        note("looked up", calls)
+        return out
+
+    def traced_add(self: KnownContacts, *args: Any, **kw: Any) -> None:
+        note("record", kw["part"])
+        add(self, *args, **kw)
+
+    monkeypatch.setattr(OmetriaClient, "push", traced_push)
+    monkeypatch.setattr(OmetriaClient, "errors_of", traced_errors_of)
+    monkeypatch.setattr(KnownContacts, "add", traced_add)
+    instance.add_dynamic_partitions(MAILCHIMP_LISTS, [partition])
+    config = sync_run_config(False, False)
+    config.setdefault("ops", {})["ometria__contacts"] = {
+        "ops": {"import_to_ometria": {"config": {"checkpoint_records": 500}}}
+    }
+    result = materialize(ASSETS, partition_key=partition, instance=instance, resources=resources(), run_config=config)
+    assert held == [True]  # the second part pushed while the first part's last lookup was under way
+    assert events.index(("looked up", 2)) < events.index(("record", 0))  # recorded once its errors are in
+    contacts = metadata(result, "ometria/contacts")
+    assert contacts["records"] == 2600 and contacts["requests"] - contacts["retries"] == 26
+    assert contacts["error_lookups"] == 4 and contacts["failed_after_answer"] == 3
+    sent = pq.read_table(RunFolder(Path(contacts["run_folder"])).contacts, columns=["id"]).column("id").to_pylist()
+    assert any(300 <= sent.index(v["contact_id"]) < 1000 for v in victims)  # found by that very lookup
+    known = set(
+        PipelineStorage(data_dir=str(small_env.data_dir)).known_contacts(partition).read().column("id").to_pylist()
+    )
+    assert len(known) == 2600 - 3 and not set(known) & {v["contact_id"] for v in victims}

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.registry import YamlClientRegistry
-from mc_pipeline.resources.errors import OmetriaAuthError, OmetriaQuotaError, OmetriaUnavailable
+from mc_pipeline.resources.errors import (
+    OmetriaAuthError,
+    OmetriaQuotaError,
+    OmetriaSystemicRejection,
+    OmetriaUnavailable,
+)
 from mc_pipeline.resources.limits import SlidingWindowLimiter
-from mc_pipeline.resources.ometria import OmetriaResource, PushStats
-from mc_pipeline.resources.ometria_push import OmetriaSystemicRejection
+from mc_pipeline.resources.ometria import OmetriaClient, OmetriaResource, PushStats
+from mc_pipeline.resources.ometria_push import FIRST_BATCHES, JUDGE_AHEAD
 from mc_pipeline_tests.conftest import make_env
 
 FAST = OmetriaResource(backoff_base_s=0.01, backoff_cap_s=0.05)
@@ -184,3 +191,71 @@ def test_a_refusal_stops_the_threads_waiting_to_retry(small_env: LocalEnvironmen
         client_of(small_env, slow_retries).push_batches([records(b * 100, 100) for b in range(12)], PushStats())
     assert sb.stats("ometria:client-1")["requests"] == 3
     assert sb.ometria_contacts("client-1") == {}
+
+
+class Witness:
+    """The client's pushes and errors lookups, in the order they happened. `hold` makes the call that
+    notes one event wait (at most 5 s) for another that only an overlapping call can bring, so the
+    order is judged, not timing: ("push", 4) is the 4th push sent, ("lookup", 50) a lookup of 50 ids."""
+
+    def __init__(self, om: OmetriaClient, hold: dict[tuple[str, int], tuple[str, int]]) -> None:
+        self.events: list[tuple[str, int]] = []  # ("push" | "pushed", ordinal), ("lookup" | "looked up", ids)
+        self.held: list[bool] = []  # per hold: whether what it waited for came
+        self.changed = threading.Condition()
+        self.hold = hold
+        push, errors_of = om.push, om.errors_of
+
+        def traced_push(body: bytes, n: int, stats: PushStats, **kw: Any) -> Any:
+            self.note("push")
+            out = push(body, n, stats, **kw)
+            self.note("pushed")
+            return out
+
+        def traced_errors_of(request_ids: list[str], stats: PushStats, **kw: Any) -> list[dict]:
+            self.note("lookup", len(request_ids))
+            out = errors_of(request_ids, stats, **kw)
+            self.note("looked up", len(request_ids))
+            return out
+
+        om.push, om.errors_of = traced_push, traced_errors_of  # type: ignore[method-assign]
+
+    def note(self, kind: str, n: int | None = None) -> None:
+        with self.changed:
+            event = (kind, n if n is not None else 1 + sum(1 for k, _ in self.events if k == kind))
+            self.events.append(event)
+            self.changed.notify_all()
+            if event in self.hold:
+                self.held.append(self.changed.wait_for(lambda: self.hold[event] in self.events, timeout=5))
+
+    def at(self, event: tuple[str, int]) -> int:
+        with self.changed:
+            return self.events.index(event)
+
+
+def test_errors_are_looked_up_while_later_batches_push(small_env: LocalEnvironment) -> None:
+    """Benchmark 2a: the errors of every 50 answered requests are looked up at once, on the data
+    API's limiter, while the next batches push; not all of them after the last push (which waits
+    here for a lookup of 50 to start). Late rejections are still tied to their own records."""
+    small_env.sandbox.state.config.ometria.late_reject_email_pattern = r"^person(150|5020|11999)@"
+    om = client_of(small_env)
+    witness = Witness(om, {("push", 120): ("lookup", 50)})
+    stats = PushStats()
+    outcome = om.push_batches([records(b * 100, 100) for b in range(120)], stats)
+    assert witness.held == [True]  # a lookup of 50 started before the last push was sent
+    lookups = [n for kind, n in witness.events if kind == "lookup"]
+    assert lookups == [3, 50, 50, 17]  # the first 3 batches' judgement, two of 50 while pushing, the rest
+    assert witness.at(("lookup", 50)) < witness.at(("pushed", 120))
+    assert [(r.batch, r.position) for r in outcome.refused] == [(1, 50), (50, 20), (119, 99)]
+    assert stats.failed_after_answer == 3 and stats.lookups == 4 and stats.requests == 120
+
+
+def test_the_first_batches_are_judged_while_the_next_ones_push(small_env: LocalEnvironment) -> None:
+    """The judgement of the first 3 batches (one lookup) does not stall the push: the 4th batch is
+    sent while it is under way (the lookup waits here for it); a push beyond `JUDGE_AHEAD` more waits
+    for the judgement."""
+    om = client_of(small_env)
+    witness = Witness(om, {("lookup", 3): ("push", 4)})
+    outcome = om.push_batches([records(b * 100, 100) for b in range(12)], PushStats())
+    assert witness.held == [True] and outcome.refused == []
+    judged = witness.at(("looked up", 3))
+    assert witness.at(("push", 4)) < judged < witness.at(("push", FIRST_BATCHES + JUDGE_AHEAD + 1))
