@@ -120,8 +120,11 @@ def test_our_clock_ahead_of_mailchimps_is_not_proven_and_the_list_is_paged_again
 def test_a_slow_answer_proves_a_second_less_per_second_past_the_first() -> None:
     """The evaluation may precede the Date by the whole round trip: past a second, the bound keeps more."""
     date = datetime(2030, 1, 1, 0, 0, 10, 700_000, tzinfo=UTC)
-    assert bound_before(date) == bound_before(date, 0.9) == bound_before(date, 1.0) == date.replace(
-        microsecond=0
-    ) - timedelta(seconds=CLOCK_MARGIN_S)
+    assert (
+        bound_before(date)
+        == bound_before(date, 0.9)
+        == bound_before(date, 1.0)
+        == date.replace(microsecond=0) - timedelta(seconds=CLOCK_MARGIN_S)
+    )
     assert bound_before(date, 1.2) == bound_before(date) - timedelta(seconds=1)
     assert bound_before(date, 3.5) == bound_before(date) - timedelta(seconds=3)
