@@ -67,6 +67,13 @@ def settle(sb: Sandbox) -> None:
     OUR_CLOCK.offset_s += step
 
 
+def failed_at_once(env: LocalEnvironment, label: str = "mailchimp:client-1") -> bool:
+    """No Mailchimp request retried: a full sync's pages start together (at most one per connection),
+    each failing on its first answer, and none starts after the first failure."""
+    offsets = [r.query.get("offset") for r in env.sandbox.request_log(label)]
+    return 1 <= len(offsets) <= 10 and len(set(offsets)) == len(offsets)
+
+
 def set_ometria_rate(env: LocalEnvironment, sandbox_per_second: int = 1000, client_per_second: float = 100) -> None:
     """Ometria's push limit: the sandbox's and the registry's (the client's limiter, at most 100).
     The defaults are a raised plan limit, for tests whose subject is not the 8 pushes a second;

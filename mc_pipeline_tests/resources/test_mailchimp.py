@@ -17,6 +17,7 @@ from mc_pipeline.resources.errors import MailchimpAuthError, MailchimpNotFound, 
 from mc_pipeline.resources.mailchimp import MEMBERS_FIELDS_PARAM, MailchimpResource, datacenter_url
 from mc_pipeline.sandbox import Latency
 from mc_pipeline.storage import RunFolder
+from mc_pipeline_tests.helpers import failed_at_once
 
 FAST = MailchimpResource(backoff_base_s=0.01, backoff_cap_s=0.05)
 
@@ -147,13 +148,6 @@ def test_retries_are_bounded(small_env: LocalEnvironment) -> None:
     with pytest.raises(MailchimpUnavailable, match=f"client 'client-1', list {list_id}: gave up after 3 attempts"):
         collect(small_env, list_id, resource, since=since)
     assert sb.stats("mailchimp:client-1")["requests"] == 3
-
-
-def failed_at_once(env: LocalEnvironment, label: str = "mailchimp:client-1") -> bool:
-    """No request retried: a full sync's pages start together (at most one per connection), each
-    failing on its first answer, and no other starts after the first failure."""
-    offsets = [r.query["offset"] for r in env.sandbox.request_log(label)]
-    return 1 <= len(offsets) <= 10 and len(set(offsets)) == len(offsets)
 
 
 def test_a_bad_key_fails_at_once_and_names_client_and_list(
