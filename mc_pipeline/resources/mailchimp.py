@@ -260,8 +260,8 @@ class MailchimpClient:
             proven = before is not None
             if before is None:
                 before = bound_before(OUR_CLOCK.now()) - timedelta(seconds=self.skew_margin_s)
-            stride = self.page_size - min(self.overlap, self.page_size - 1)
-            wave = self.page_size + (self.max_connections - 1) * stride  # one page per connection
+            stride, n = self.page_size - min(self.overlap, self.page_size - 1), self.max_connections
+            wave = max((n - 1) * stride, self.page_size) + 1 if n > 1 else 1  # a size of n pages: one per connection
             guess = size_hint if size_hint is not None else wave
             return OpenSweep(
                 list_id, kind, status, since, before, guess, None, stats, started, sized=False, proven=proven

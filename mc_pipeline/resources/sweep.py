@@ -158,10 +158,9 @@ def _page_pass(
     pages: PageWriter,
     on_answer: Callable[[], None],
 ) -> _Pass:
-    """One pass: the account's connections each take the next offset the answers so far call for
-    (a page's total_items replaces a guessed size at once, so none waits), until none is needed and
-    none is in flight, or an answer disproves the bound; the first error stops it and is raised.
-    Logs progress every 10 s."""
+    """One pass: each thread takes the next offset the answers so far call for (a page's total_items
+    replaces a guessed size at once, so none waits), until none is needed and none is in flight, or
+    an answer disproves the bound; the first error stops it and is raised. Logs progress every 10 s."""
     if first is not None:
         p.totals.append(first.total_items)
         p.read.append((0, first.members))
@@ -194,8 +193,11 @@ def _page_pass(
             on_answer()
             keep(sweep, pass_no, page, pages)
 
-    with ThreadPoolExecutor(mc.max_connections, thread_name_prefix=f"mc-{sweep.list_id}") as pool:
-        pending = {pool.submit(work) for _ in range(mc.max_connections)}
+    # Twice as many threads as connections: while one thread parses and writes the page it received,
+    # another, waiting at the account's gate, takes the connection at once (`MailchimpClient._get_once`).
+    threads = 2 * mc.max_connections
+    with ThreadPoolExecutor(threads, thread_name_prefix=f"mc-{sweep.list_id}") as pool:
+        pending = {pool.submit(work) for _ in range(threads)}
         while pending:
             done, pending = wait(pending, timeout=5.0, return_when=FIRST_EXCEPTION)
             for fut in done:
