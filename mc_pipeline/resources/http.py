@@ -166,9 +166,8 @@ class ApiSession(requests.Session):
         timer.start()
         try:
             resp = super().request(method, url, **kwargs)
-            with resp:  # read now, within the deadline
-                resp._content = _read_body(resp)
-                resp._content_consumed = True
+            with resp:
+                resp.content  # noqa: B018 - read now, within the deadline
         except Exception as exc:
             raise self._safe(exc, host, watch.expired, deadline) from None
         finally:
@@ -192,17 +191,6 @@ class ApiSession(requests.Session):
         if isinstance(exc, TRANSIENT):
             return type(exc)(f"{type(exc).__name__} talking to {host}")
         return self.refused(f"the request to {host} could not be sent ({type(exc).__name__})")
-
-
-BODY_CHUNK = 1 << 20
-
-
-def _read_body(resp: requests.Response) -> bytes:
-    """What `resp.content` reads, in chunks of 1 MiB rather than its 10 KiB: a 600 KiB page is one
-    read, not sixty, each of which may wait for the GIL while other threads parse pages."""
-    if resp.raw is None:
-        return b""
-    return b"".join(resp.iter_content(BODY_CHUNK))
 
 
 def _host(url: str) -> str:
