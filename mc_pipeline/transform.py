@@ -301,3 +301,4 @@ def encode_records(records: list[dict[str, Any]]) -> tuple[list[tuple[int, bytes
         else:
             encoded.append((i, raw))
     return encoded, too_large
+
