@@ -115,7 +115,7 @@ def page_window(mc: MailchimpClient, sweep: OpenSweep, pages: PageWriter, on_fir
                 "clock is later than Mailchimp's Date headers allow (our clock is ahead of Mailchimp's by more than "
                 f"the skew margin); paging the window again up to {done.proven_until.isoformat()}"
             )
-            # Not one of the passes a shrinking window is allowed: no page of it counted.
+            # The discarded pass is not one of the `max_passes` a shrinking window is allowed.
             before, proven, allowed = done.proven_until, True, allowed + 1
             size, sized = max(done.totals), False
         else:
