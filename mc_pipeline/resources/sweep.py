@@ -64,6 +64,7 @@ class _Pass:
     size: int  # offsets that reach it are needed: a guess until the first answer when not `sized`
     sized: bool
     check: datetime | None  # a bound still to prove, or None
+    wave: int  # offsets out at once while the size is a guess: one per connection
     next: int = 0
     in_flight: int = 0
     stop: bool = False
@@ -73,7 +74,11 @@ class _Pass:
     disproved: bool = False
 
     def needed(self) -> bool:
-        """The next offset: page 0 always; after it, as `next_offsets` pages a window of `size`."""
+        """The next offset: page 0 always; after it, as `next_offsets` pages a window of `size`, and
+        while `size` is a guess no more than a wave (a thread waiting at the gate would send its page
+        after the first answer showed it past the end)."""
+        if not self.sized and self.in_flight >= self.wave:
+            return False
         return self.next == 0 or (self.next < self.size and self.size > self.page_size)
 
     def answered(self, page: Page) -> None:
@@ -107,7 +112,7 @@ def page_window(mc: MailchimpClient, sweep: OpenSweep, pages: PageWriter, on_fir
         on_first()
     while True:
         window = window_params(sweep.since, before, sweep.status)
-        todo = _Pass(mc.page_size - overlap, mc.page_size, size, sized, None if proven else before)
+        todo = _Pass(mc.page_size - overlap, mc.page_size, size, sized, None if proven else before, mc.max_connections)
         done = _page_pass(mc, sweep, window, todo, first, passes - 1, pages, once)
         if done.disproved and done.proven_until is not None:
             mc.log.warning(

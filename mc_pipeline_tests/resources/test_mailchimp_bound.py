@@ -35,9 +35,9 @@ def started_before_the_first_answer(log) -> int:
 @pytest.mark.parametrize("hint", [True, False])
 def test_a_full_sync_makes_no_request_before_its_pages(small_env: LocalEnvironment, hint: bool) -> None:
     """The size known (the list's history) or not (one page per connection): the first requests are pages,
-    ten at once, all with the one bound; no count before them, and no page past the end."""
+    up to ten at once from the start, all with the one bound; no count before them, no page past the end."""
     sb = small_env.sandbox
-    sb.state.config.mailchimp.latency = Latency(base_ms=150)  # time for the ten threads to start, under load too
+    sb.state.config.mailchimp.latency = Latency(base_ms=150)
     list_id = sb.client("client-1").list_ids[1]
     expected = listed(small_env, list_id)
     fetched, pages = full_sync(small_env, list_id, **({"size_hint": len(expected)} if hint else {}))
@@ -45,7 +45,8 @@ def test_a_full_sync_makes_no_request_before_its_pages(small_env: LocalEnvironme
     log = sb.request_log("mailchimp:client-1")
     assert {r.query["count"] for r in log} == {"100"}  # pages only
     assert len({r.query["before_last_changed"] for r in log}) == 1
-    assert started_before_the_first_answer(log) == 10  # page 0 among them: none waited for another
+    # Pages out before any answer (none waited for another: 10 unless the machine is very busy), 10 at most.
+    assert started_before_the_first_answer(log) > 1 and sb.stats("mailchimp:client-1")["peak_in_flight"] == 10
     assert len(log) == fetched.stats.pages == 1 + len(range(80, len(expected), 80))
 
 
