@@ -1,13 +1,14 @@
 """Extraction against the connection bound, this commit against a base commit in one run (issue 11, item 7).
 
-    python -m benchmarks.bound --members 200000 --rounds 3 [--base 735943c]
+    python -m benchmarks.bound --members 200000 --rounds 3 [--base 6bb7403]
 
 One sandbox (the harness's latencies: 250 ms + 0.15 ms/KiB per request, 10 connections); for each
 round, the `extract` worker (scenario 1's: `MailchimpClient.fetch` over the whole list, pages gzipped
 to disk) runs once with this tree's `mc_pipeline` and once with the base commit's (from `git archive`,
 the worker started in that copy so it imports it), alternating. Each pass's throughput is over the bound
 10 x 1000 / page latency of its own measured page size; the best of the rounds is reported (the machine
-is shared: the best pass is the one least disturbed), with the median.
+is shared: the best pass is the one least disturbed), with the median, and each pass decomposed as in
+scenario 1 (`harness.decompose`: overlap x latency x slot use, and its schedule's ceiling).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, extraction_bound, kill_all, run_worker, sandbox, sandbox_config
+from benchmarks.harness import REPO, decompose, kill_all, run_worker, sandbox, sandbox_config
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -38,16 +39,11 @@ def checkout(rev: str, dest: Path) -> Path:
     return dest
 
 
-def ratio(run: dict[str, Any]) -> float:
-    bound = extraction_bound(run["bytes"] / run["fetched"] * 1000)  # a full page's measured size
-    return run["members"] / run["wall_s"] / bound
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--base", default="735943c", help="the commit compared with (default: before item 7)")
+    parser.add_argument("--base", default="6bb7403", help="the commit compared with (default: a count first)")
     args = parser.parse_args(argv)
     work = RESULTS / "tmp" / f"bound-{args.members}"
     trees = {"this": REPO, "base": checkout(args.base, work / "base")}
@@ -66,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
                         cwd=tree,
                         name=f"extract-{name}",
                     )
-                    run = w.output["runs"][0]
-                    runs[name].append({**run, "ratio": ratio(run)})
-                    print(f"round {i}: {name:4s} {run['wall_s']:.2f} s, {ratio(run):.3f} of the bound", flush=True)
+                    run = decompose(w.output["runs"][0])
+                    runs[name].append(run)
+                    print(
+                        f"round {i}: {name:4s} {run['wall_s']:.2f} s, {run['ratio']:.3f} of the bound = overlap "
+                        f"{run['overlap_factor']} x latency {run['latency_factor']} x slot use {run['slot_use']}; "
+                        f"schedule ceiling {run['schedule_ceiling']} ({run['requests']} requests, "
+                        f"{run['first_wave']} before the first answer)",
+                        flush=True,
+                    )
     finally:
         kill_all()
     summary = {
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": [round(r["wall_s"], 2) for r in rs],
             "requests": rs[0]["requests"],
             "pages": rs[0]["pages"],
+            "runs": rs,  # each measured pass, decomposed
         }
         for name, rs in runs.items()
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -54,6 +55,48 @@ def extraction_bound(page_bytes: float) -> float:
 
 
 IMPORT_BOUND = OM_RATE * OM_BATCH  # records per second per Ometria account
+
+
+def schedule_s(run: dict[str, Any], latency: float) -> float:
+    """How long a fetch's own schedule takes at nominal latency, from what its first requests were: every
+    page 10 at a time from the start (since item 7 of issue 11, no request before the pages); a count (no
+    member, base latency) and then every page (commit 6bb7403); or the first page alone and then the rest
+    (735943c)."""
+    pages, waves = run["pages"], math.ceil(run["pages"] / MC_CONNECTIONS)
+    if run.get("first_wave", 1) > 1:
+        return waves * latency
+    if run["requests"] - run["retries"] > pages:
+        return MC_BASE_MS / 1000 + waves * latency
+    return (1 + math.ceil((pages - 1) / MC_CONNECTIONS)) * latency
+
+
+def decompose(run: dict[str, Any]) -> dict[str, Any]:
+    """One extraction pass over its bound (its own measured page size), and where the rest goes:
+    throughput/bound = overlap x latency x slot use, and the ceiling of its schedule (README, 1a)."""
+    page_bytes = run["bytes"] / run["fetched"] * 1000  # a full 1000-member page
+    bound, latency = extraction_bound(page_bytes), page_latency_s(page_bytes)
+    throughput = run["members"] / run["wall_s"]
+    return {
+        "members": run["members"],
+        "pages": run["pages"],
+        "requests": run["requests"],
+        "first_wave": run.get("first_wave"),
+        "wall_s": round(run["wall_s"], 3),
+        "page_kib": round(page_bytes / 1024, 1),
+        "page_latency_s": round(latency, 4),
+        "bound_members_per_s": round(bound),
+        "members_per_s": round(throughput),
+        "ratio": round(throughput / bound, 3),
+        "overlap_factor": round(run["members"] / run["fetched"], 3),
+        "latency_factor": round(latency / run["request_s_mean"], 3),
+        "slot_use": round(run["request_s_sum"] / (MC_CONNECTIONS * run["wall_s"]), 3),
+        "first_page_share": round(run["first_page_s"] / run["wall_s"], 3),
+        "schedule_ceiling": round(run["members"] / schedule_s(run, latency) / bound, 3),
+        "client_cpu_ms_per_page": round(run["cpu_s"] / run["pages"] * 1000, 2),
+        "client_cpu_us_per_member": round(run["cpu_s"] / run["fetched"] * 1e6, 2),
+        "retries": run["retries"],
+        "throttled": run["throttled"],
+    }
 
 
 # ------------------------------------------------------------------------------------ process groups

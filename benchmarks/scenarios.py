@@ -28,6 +28,7 @@ from benchmarks.harness import (
     OM_BASE_MS,
     OM_RATE,
     REPO,
+    decompose,
     extraction_bound,
     page_latency_s,
     release,
@@ -214,40 +215,7 @@ def extraction(ctx: Context) -> dict[str, Any]:
             ).output
         server = sb.requests_by_label()["mailchimp:extract"]
 
-    runs = []
-    for run in w.output["runs"]:
-        page_bytes = run["bytes"] / run["fetched"] * 1000  # a full 1000-member page
-        bound = extraction_bound(page_bytes)
-        latency = page_latency_s(page_bytes)
-        throughput = run["members"] / run["wall_s"]
-        # The fetch's own schedule: a count (no member, base latency) then every page 10 at a time, or
-        # (before it, commit 735943c) the first page alone, then the rest 10 at a time.
-        if run["requests"] - run["retries"] > run["pages"]:
-            schedule_s = MC_BASE_MS / 1000 + math.ceil(run["pages"] / MC_CONNECTIONS) * latency
-        else:
-            schedule_s = (1 + math.ceil((run["pages"] - 1) / MC_CONNECTIONS)) * latency
-        runs.append(
-            {
-                "members": run["members"],
-                "pages": run["pages"],
-                "wall_s": r(run["wall_s"]),
-                "page_kib": r(page_bytes / 1024, 1),
-                "page_latency_s": r(latency, 4),
-                "bound_members_per_s": r(bound, 0),
-                "members_per_s": r(throughput, 0),
-                "ratio": r(throughput / bound),
-                # throughput/bound = overlap x latency x slot use (see README): where the rest goes
-                "overlap_factor": r(run["members"] / run["fetched"]),
-                "latency_factor": r(latency / run["request_s_mean"]),
-                "slot_use": r(run["request_s_sum"] / (MC_CONNECTIONS * run["wall_s"])),
-                "first_page_share": r(run["first_page_s"] / run["wall_s"]),
-                "schedule_ceiling": r(run["members"] / schedule_s / bound),
-                "client_cpu_ms_per_page": r(run["cpu_s"] / run["pages"] * 1000, 2),
-                "client_cpu_us_per_member": r(run["cpu_s"] / run["fetched"] * 1e6, 2),
-                "retries": run["retries"],
-                "throttled": run["throttled"],
-            }
-        )
+    runs = [decompose(run) for run in w.output["runs"]]
     median = sorted(runs, key=lambda x: x["ratio"])[len(runs) // 2]
     sequential = {}
     for label, s in seq.items():

@@ -92,6 +92,7 @@ def task_extract(args: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(folder.root, ignore_errors=True)
         durations = [end - start for start, end in requests_log]
         first = min(requests_log)
+        first_answer = min(end for _, end in requests_log)
         return {
             "wall_s": wall,
             "cpu_s": cpu,
@@ -104,6 +105,7 @@ def task_extract(args: dict[str, Any]) -> dict[str, Any]:
             "bytes": window.stats.bytes,
             "passes": window.passes,
             "first_page_s": first[1] - first[0],
+            "first_wave": sum(start < first_answer for start, _ in requests_log),  # sent before any answer
             "request_s_mean": statistics.fmean(durations),
             "request_s_sum": sum(durations),
         }

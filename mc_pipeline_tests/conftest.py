@@ -12,10 +12,19 @@ import pytest
 from dagster import DagsterInstance, instance_for_test
 
 from mc_pipeline.local import LocalEnvironment, sandbox_environment
+from mc_pipeline.resources.paging import OUR_CLOCK
 from mc_pipeline.sandbox import SandboxConfig
 from mc_pipeline_tests.helpers import set_ometria_rate
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(autouse=True)
+def _our_clock() -> Iterator[None]:
+    """`settle` moves our clock with the sandbox's; each test starts from the machine's."""
+    OUR_CLOCK.offset_s = 0.0
+    yield
+    OUR_CLOCK.offset_s = 0.0
 
 
 @pytest.fixture

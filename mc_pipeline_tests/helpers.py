@@ -28,7 +28,7 @@ from mc_pipeline.jobs import sync_run_config
 from mc_pipeline.local import LocalEnvironment, expected_contacts, ometria_differences
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import parse_partition_key
-from mc_pipeline.resources.paging import CLOCK_MARGIN_S
+from mc_pipeline.resources.paging import CLOCK_MARGIN_S, OUR_CLOCK, SKEW_MARGIN_S
 from mc_pipeline.sandbox import Sandbox
 
 
@@ -55,12 +55,23 @@ def sync(
 
 
 def settle(sb: Sandbox) -> None:
-    """Let the changes just made fall inside the next run's window, without waiting for it.
+    """Let the changes just made fall inside the next run's window, without waiting for it: time passes,
+    on Mailchimp's clock (the sandbox's) and on ours alike.
 
-    A change is stamped with the sandbox's clock to the second, and a window ends `CLOCK_MARGIN_S`
-    before the Date of the run's first answer, also the sandbox's clock: that many seconds on is exactly enough.
+    A change is stamped with the sandbox's clock to the second; an incremental window ends `CLOCK_MARGIN_S`
+    before the Date of the run's first answer (the sandbox's clock), a full sync's `CLOCK_MARGIN_S` +
+    `SKEW_MARGIN_S` before our clock: that many seconds on is exactly enough for both.
     """
-    sb.clock.advance(CLOCK_MARGIN_S)
+    step = CLOCK_MARGIN_S + SKEW_MARGIN_S
+    sb.clock.advance(step)
+    OUR_CLOCK.offset_s += step
+
+
+def failed_at_once(env: LocalEnvironment, label: str = "mailchimp:client-1") -> bool:
+    """No Mailchimp request retried: a full sync's pages start together (at most one per connection),
+    each failing on its first answer, and none starts after the first failure."""
+    offsets = [r.query.get("offset") for r in env.sandbox.request_log(label)]
+    return 1 <= len(offsets) <= 10 and len(set(offsets)) == len(offsets)
 
 
 def set_ometria_rate(env: LocalEnvironment, sandbox_per_second: int = 1000, client_per_second: float = 100) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from dagster import (
     AssetExecutionContext,
     AssetIn,
-    AssetRecordsFilter,
     Config,
     DagsterInstance,
     Failure,
@@ -30,7 +29,7 @@ from mc_pipeline.assets.metadata import (
     table_schema,
 )
 from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers
-from mc_pipeline.assets.watermarks import begin_sync
+from mc_pipeline.assets.watermarks import ListHistory, begin_sync, list_history
 from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
 from mc_pipeline.registry import Client
@@ -78,21 +77,18 @@ def failure(exc: ApiError) -> Failure:
     )
 
 
-def list_name(context: AssetExecutionContext, mc: MailchimpClient, list_id: str, refresh: bool) -> str:
+def list_name(
+    context: AssetExecutionContext, mc: MailchimpClient, list_id: str, refresh: bool, known: str | None
+) -> str:
     """Mailchimp's name of the list, for the UI: asked on a full sync (a rename shows within a week)
     or when none is recorded yet, else the one the last run recorded; a sync never fails for it."""
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=PAGES_KEY, asset_partitions=[context.partition_key]), limit=1
-    ).records
-    mat = records[0].asset_materialization if records else None
-    known = mat.metadata.get("list_name") if mat else None
-    if known is not None and known.value and not refresh:
-        return str(known.value)
+    if known and not refresh:
+        return known
     try:
         return mc.list_name(list_id)
     except ApiError as exc:
         context.log.warning(f"{context.partition_key}: the list's name is unknown: {exc}")
-        return str(known.value) if known is not None else ""
+        return known or ""
 
 
 @asset(
@@ -126,7 +122,8 @@ def member_pages(
         f"{partition}: {'full' if since is None else 'incremental'} sync of list {list_id}, "
         f"last_changed after {since.isoformat() if since else 'the beginning'}"
     )
-    fetched, name = _fetch(mailchimp, client, context, keys.mailchimp, list_id, folder, since, archived_since)
+    history = list_history(context.instance, partition)
+    fetched, name = _fetch(mailchimp, client, context, keys.mailchimp, list_id, folder, since, archived_since, history)
     context.instance.add_run_tags(run_id, started_tags(context.run.tags, config.full_refresh, since is not None, name))
     window = fetched_window(fetched, archived_since)
     run = RunFiles(
@@ -141,7 +138,8 @@ def member_pages(
         list_name=name,
     )
     context.log.info(fetch_summary(partition, fetched, window))
-    return Output(page_set(run, fetched), metadata=pages_metadata(fetched, window, folder.pages, name))
+    size = fetched.members.members if since is None else history.members  # the next full sync's page count
+    return Output(page_set(run, fetched), metadata=pages_metadata(fetched, window, folder.pages, name, size))
 
 
 @asset(
@@ -203,9 +201,10 @@ def _fetch(
     folder: RunFolder,
     since: datetime | None,
     archived_since: datetime | None,
+    history: ListHistory,
 ) -> tuple[FetchResult, str]:
-    """The window's pages (and the archived sweep) into `folder`, and the list's name; an API error
-    fails the run naming the list."""
+    """The window's pages (and the archived sweep) into `folder`, a full sync's sized by the list's
+    history, and the list's name; an API error fails the run naming the list."""
     try:
         with mailchimp.client(client, context.log, key) as mc:
             fetched = mc.fetch(
@@ -215,8 +214,9 @@ def _fetch(
                 archived_since=archived_since,
                 sweep_archived=mailchimp.sweep_archived,
                 before_fallback=run_started_at(context.instance, context.run.run_id),
+                size_hint=history.members if since is None else None,
             )
-            return fetched, list_name(context, mc, list_id, refresh=since is None)
+            return fetched, list_name(context, mc, list_id, refresh=since is None, known=history.name)
     except ApiError as exc:
         raise failure(exc) from None
 

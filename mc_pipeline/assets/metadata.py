@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from dagster import MetadataValue, TableColumn, TableSchema
 
 from mc_pipeline.assets.models import PageSet, RunFiles, Window
+from mc_pipeline.assets.watermarks import LIST_MEMBERS, LIST_NAME
 from mc_pipeline.resources.paging import MEMBER_FIELDS, FetchResult
 
 PREVIEW_ROWS = 5
@@ -156,10 +157,14 @@ def fetch_summary(partition: str, fetched: FetchResult, window: Window) -> str:
     )
 
 
-def pages_metadata(fetched: FetchResult, window: Window, folder: Path, list_name: str) -> dict[str, Any]:
+def pages_metadata(
+    fetched: FetchResult, window: Window, folder: Path, list_name: str, list_members: int | None
+) -> dict[str, Any]:
+    """`list_members`: the list's size for the next full sync (`watermarks.list_history`)."""
     main, archived, total = fetched.members, fetched.archived, fetched.total
     return {
-        "list_name": MetadataValue.text(list_name),
+        LIST_NAME: MetadataValue.text(list_name),
+        **({LIST_MEMBERS: MetadataValue.int(list_members)} if list_members is not None else {}),
         "dagster/row_count": total("rows"),  # rows in the page files, the overlap's included
         **window_metadata(window),
         "full_refresh": window.full_refresh,

@@ -29,7 +29,7 @@ from dagster import (
     MetadataValue,
 )
 
-from mc_pipeline.assets.keys import CONTACTS_KEY
+from mc_pipeline.assets.keys import CONTACTS_KEY, PAGES_KEY
 from mc_pipeline.assets.models import Destination, RunFiles, Window
 from mc_pipeline.registry import Client, RegistryError, SecretError, YamlClientRegistry
 from mc_pipeline.resources.limits import fingerprint
@@ -42,6 +42,15 @@ ARCHIVED_WATERMARK = "archived_watermark"
 DESTINATION = "destination"  # JSON: base_url, account, collection, key (fingerprint)
 DESTINATION_ID = "destination_id"
 VERIFIED_AT = "verified_at"  # on an observation: a probe found the window since the watermark empty
+LIST_NAME = "list_name"  # on mailchimp/member_pages: Mailchimp's name of the list
+LIST_MEMBERS = "list_members"  # on mailchimp/member_pages: the list's members at its last full sync
+
+
+class ListHistory(NamedTuple):
+    """What the last sync learnt of the list itself (`list_history`)."""
+
+    name: str | None
+    members: int | None  # at the last full sync, carried by the incremental ones since
 
 
 class Watermarks(NamedTuple):
@@ -110,6 +119,17 @@ def begin_sync(
     if marks.why_full:
         context.log.info(f"{partition}: full sync into {destination.collection}: {marks.why_full}")
     return destination, marks
+
+
+def list_history(instance: DagsterInstance, partition: str) -> ListHistory:
+    """The list's name and size as the partition's latest `mailchimp/member_pages` recorded them: the
+    size gives a full sync its page count before any answer (`MailchimpClient.fetch(size_hint=)`)."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=PAGES_KEY, asset_partitions=[partition]), limit=1
+    ).records
+    md = _metadata(records[0]) if records else {}
+    name, members = _value(md, LIST_NAME), _value(md, LIST_MEMBERS)
+    return ListHistory(str(name) if name else None, members if isinstance(members, int) else None)
 
 
 def _timestamp(md: dict[str, Any], name: str) -> datetime | None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -35,6 +34,8 @@ from mc_pipeline.resources.http import TRANSIENT, HttpSettings, RequestRefused, 
 from mc_pipeline.resources.limits import account_gate, fingerprint
 from mc_pipeline.resources.paging import (
     MEMBERS_FIELDS_PARAM,
+    OUR_CLOCK,
+    SKEW_MARGIN_S,
     FetchResult,
     FetchStats,
     OpenSweep,
@@ -42,12 +43,10 @@ from mc_pipeline.resources.paging import (
     PageWriter,
     SweepResult,
     bound_before,
-    covered,
-    gaps_below,
-    next_offsets,
     window_params,
 )
 from mc_pipeline.resources.retry import HttpRetryPolicy, Retryable, retry_after
+from mc_pipeline.resources.sweep import keep, page_window
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +65,7 @@ class Response:
     body: bytes
     data: Any
     server_time: datetime | None  # from the Date header: Mailchimp's clock, not ours
+    round_trip_s: float = 0.0  # ours: the request sent to the body read
 
 
 class MailchimpClient:
@@ -83,6 +83,7 @@ class MailchimpClient:
         policy: HttpRetryPolicy,
         overlap: int = 20,
         max_passes: int = 3,
+        skew_margin_s: int = SKEW_MARGIN_S,
         logger: Any = None,
         allow_private_network: bool = False,
         deadline_s: float | None = None,
@@ -90,6 +91,7 @@ class MailchimpClient:
         self.client_id = client_id
         self.overlap = overlap
         self.max_passes = max_passes
+        self.skew_margin_s = skew_margin_s
         key = api_key.get_secret_value()
         self.base_url = (base_url or datacenter_url(key)).rstrip("/")
         self.max_connections = max_connections
@@ -125,6 +127,7 @@ class MailchimpClient:
         url = f"{self.base_url}{path}"
         with self.gate:  # the account's connection limit, shared by every thread of this process
             stats.add(calls=1)
+            sent = time.monotonic()
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout)
                 body = resp.content
@@ -136,7 +139,7 @@ class MailchimpClient:
         status = resp.status_code
         if status == 200:
             try:
-                return Response(body, orjson.loads(body), server_time(resp))
+                return Response(body, orjson.loads(body), server_time(resp), time.monotonic() - sent)
             except orjson.JSONDecodeError:
                 raise Retryable(f"malformed JSON ({len(body)} bytes)") from None
         problem = json_object(resp)
@@ -207,32 +210,36 @@ class MailchimpClient:
         sweep_archived: bool = True,
         before: datetime | None = None,
         before_fallback: datetime | None = None,
+        size_hint: int | None = None,
     ) -> FetchResult:
         """Every member whose last_changed is in (since, before], and with `sweep_archived` every
         archived one in (archived_since, before]: each page goes to `pages` as it arrives.
 
-        The members' first request is the probe: a revoked key or a deleted list fails on that one
-        request. Once it has answered, the archived sweep (usually a page or two) runs alongside
+        A full sync's pages all start at once, with no request before them: its bound is fixed on
+        our clock, `CLOCK_MARGIN_S` and `skew_margin_s` before it, and proven afterwards by every
+        page's Date (else the window is paged again up to a bound they prove: `sweep.page_window`);
+        the page count is `size_hint` (the list's members at its last sync) or, unknown, one page
+        per connection, and each answer's total_items says how many follow. An incremental window
+        is usually one page: its first page is its first request, and its window ends
+        `CLOCK_MARGIN_S` before Mailchimp's own clock (the Date header) at that answer. Either way
+        every change Mailchimp makes after the pages were evaluated is stamped after the bound,
+        whatever the skew between its clock and ours, so it falls in the next window, never in a gap.
+
+        The archived sweep (its own bound, from its first page) starts once a page of the members
+        has answered, so a revoked key or a deleted list fails before it; it then runs alongside
         the members' pages; both share the account's connections (one gate per account).
-
-        When `before` is not given, each sweep's first request has no upper bound and its window
-        ends `CLOCK_MARGIN_S` before Mailchimp's own clock (its Date header) at that answer: every
-        change Mailchimp makes after the run began is stamped later, whatever the skew between its
-        clock and ours, so it falls in the next window, never in a gap.
-
-        A full sync's first request is a count (`count=1`, no member): it fixes the bound and gives
-        the window's size, so every page, the first included, starts at once and the account's
-        connections are all busy from the start. An incremental window is usually one page: its
-        first page is its first request.
         """
-        members = self._open(list_id, None, since, before, before_fallback, pages, count_first=since is None)
+        members = self._open(list_id, None, since, before, before_fallback, pages, size_hint)
         with ThreadPoolExecutor(1, thread_name_prefix=f"mc-archived-{list_id}") as pool:
-            archived = None
-            if sweep_archived:
-                open_archived = partial(self._open, list_id, "archived", archived_since, before, before_fallback, pages)
-                archived = pool.submit(lambda: self._page_all(open_archived(), pages))
-            result = self._page_all(members, pages)
-            return FetchResult(result, archived.result() if archived is not None else None)
+            archived: list[Future[SweepResult]] = []
+
+            def start_archived() -> None:
+                if sweep_archived:
+                    opening = partial(self._open, list_id, "archived", archived_since, before, before_fallback, pages)
+                    archived.append(pool.submit(lambda: page_window(self, opening(), pages, lambda: None)))
+
+            result = page_window(self, members, pages, start_archived)
+            return FetchResult(result, archived[0].result() if archived else None)
 
     def _open(
         self,
@@ -242,116 +249,29 @@ class MailchimpClient:
         before: datetime | None,
         before_fallback: datetime | None,
         pages: PageWriter,
-        count_first: bool = False,
+        size_hint: int | None = None,
     ) -> OpenSweep:
-        """A sweep's first request (its count, or its first page, written); the window's upper bound
-        fixed from it if not given."""
+        """A sweep's window: a full sync's members with no request (the bound on our clock, to be
+        proven, and a guessed size); any other, its first page read and written, the bound fixed
+        from its Date if not given."""
         stats, started = FetchStats(), time.monotonic()
-        first: Page | None = None
-        if count_first:
-            total, clock = self._count(list_id, since, before, status, stats)
-        else:
-            first = self._page(list_id, 0, window_params(since, before, status), stats)
-            total, clock = first.total_items, first.server_time
-        if before is None:
-            before = bound_before(clock or before_fallback or datetime.now(UTC))
-        opened = OpenSweep(list_id, status or "members", status, since, before, total, first, stats, started)
-        if first is not None:
-            pages.write_page(opened.kind, 0, first.offset, first.raw)
-        return opened
-
-    def _page_all(self, sweep: OpenSweep, pages: PageWriter) -> SweepResult:
-        """The rest of a sweep's window, concurrently, after its first request.
-
-        Why no member is skipped although offsets move under concurrent changes: with both
-        bounds fixed, a change can only take a member *out* of the window (its new last_changed
-        is past `before`), so the window only shrinks and a member's position only decreases,
-        by at most the shrink: the largest total_items any page of a pass saw (the earliest
-        evaluated) less the smallest. Pages overlap by `overlap` members; if the window shrank by
-        no more than that during the pass, every member that stayed was on some page. Otherwise
-        the window is paged again, with a wider overlap. A page that returns fewer members than
-        its own total promises leaves positions no page read (a gap): the window is paged again
-        too; the counts of the last pass are in the result. A count taken before the bound was
-        fixed is at least the window's size (the window only shrinks), so its pages reach the end.
-        """
-        list_id, stats, first = sweep.list_id, sweep.stats, sweep.first
-        overlap = min(self.overlap, self.page_size - 1)
-        passes, size = 1, sweep.total  # `size`: at least the window's size now, which offsets must reach
-        spans = [(0, first.members)] if first is not None else []  # (offset, rows): which positions were read
-        window = sweep.params()
-        while True:
-            offsets = next_offsets(size, self.page_size, overlap)
-            if first is None:
-                offsets.insert(0, 0)
-            largest, smallest, read = self._fetch_concurrently(sweep, offsets, window, passes - 1, pages)
-            total_first = max(largest, first.total_items) if first is not None else largest
-            total_last = min(total_first, smallest)
-            spans += read
-            gaps = gaps_below(spans, total_last)
-            if total_first - total_last <= overlap and not gaps:
-                break
-            # A shrink past the overlap may have skipped members; a gap is positions no page returned.
-            cause = (
-                f"pages returned no member at window positions {', '.join(f'{a}..{b - 1}' for a, b in gaps[:5])}"
-                if gaps
-                else f"the window shrank by {total_first - total_last} members while it was paged, more than "
-                f"the {overlap}-member overlap"
+        kind = status or "members"
+        if since is None and status is None:
+            proven = before is not None
+            if before is None:
+                before = bound_before(OUR_CLOCK.now()) - timedelta(seconds=self.skew_margin_s)
+            stride, n = self.page_size - min(self.overlap, self.page_size - 1), self.max_connections
+            wave = max((n - 1) * stride, self.page_size) + 1 if n > 1 else 1  # a size of n pages: one per connection
+            guess = size_hint if size_hint is not None else wave
+            return OpenSweep(
+                list_id, kind, status, since, before, guess, None, stats, started, sized=False, proven=proven
             )
-            if passes >= self.max_passes:
-                raise MailchimpUnavailable(
-                    f"{cause}, in each of {passes} passes; members may have been skipped",
-                    client_id=self.client_id,
-                    list_id=list_id,
-                )
-            self.log.warning(f"Mailchimp {self.client_id} list {list_id}: {cause}; paging it again")
-            passes += 1
-            overlap = min(max(overlap, 2 * (total_first - total_last)), self.page_size // 2)
-            first, size, spans = None, total_last, []  # every page of the next pass at once
-        stats.seconds = time.monotonic() - sweep.started
-        return SweepResult(
-            sweep.since, sweep.before, sweep.status, total_first, total_last, passes, overlap, stats, covered(spans)
-        )
-
-    def _fetch_concurrently(
-        self, sweep: OpenSweep, offsets: list[int], window: dict[str, Any], pass_no: int, pages: PageWriter
-    ) -> tuple[int, int, list[tuple[int, int]]]:
-        """Fetch `offsets` with at most the account's connections in flight: the largest and the
-        smallest total seen, and each page's (offset, rows). Logs progress every 10 s."""
-        totals: list[int] = []
-        read: list[tuple[int, int]] = []
-        lock = threading.Lock()
-
-        def fetch(offset: int) -> None:
-            page = self._page(sweep.list_id, offset, window, sweep.stats)
-            with lock:
-                totals.append(page.total_items)
-                read.append((offset, page.members))
-            pages.write_page(sweep.kind, pass_no, offset, page.raw)
-
-        if not offsets:
-            return 0, 1 << 62, read
-        with ThreadPoolExecutor(self.max_connections, thread_name_prefix=f"mc-{sweep.list_id}") as pool:
-            pending = {pool.submit(fetch, off) for off in offsets}
-            while pending:
-                done, pending = wait(pending, timeout=5.0, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    exc = fut.exception()
-                    if exc is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise exc
-                self._progress(sweep, len(offsets) + (sweep.first is not None))
-        return max(totals), min(totals), read
-
-    def _progress(self, sweep: OpenSweep, pass_pages: int) -> None:
-        if time.monotonic() - sweep.logged < 10:
-            return
-        sweep.logged = time.monotonic()
-        s = sweep.stats
-        self.log.info(
-            f"Mailchimp {self.client_id} list {sweep.list_id} {sweep.kind}: {s.pages}/{pass_pages} pages "
-            f"({s.rows} rows, the pages' overlap included), {s.calls} calls, {s.retries} retries"
-        )
+        first = self._page(list_id, 0, window_params(since, before, status), stats)
+        if before is None:
+            before = bound_before(first.server_time or before_fallback or datetime.now(UTC), first.round_trip_s)
+        opened = OpenSweep(list_id, kind, status, since, before, first.total_items, first, stats, started)
+        keep(opened, 0, first, pages)
+        return opened
 
     def _page(self, list_id: str, offset: int, window: dict[str, Any], stats: FetchStats) -> Page:
         """One page; valid JSON of the wrong shape is retried like a cut body (one policy, one budget)."""
@@ -365,8 +285,7 @@ class MailchimpClient:
         total = data.get("total_items") if isinstance(data, dict) else None
         if not (isinstance(members, list) and isinstance(total, int)):
             raise Retryable(f"the page at offset {offset} has no 'members' list or 'total_items'")
-        stats.add(pages=1, rows=len(members))
-        return Page(offset=offset, raw=resp.body, members=len(members), total_items=total, server_time=resp.server_time)
+        return Page(offset, resp.body, len(members), total, resp.server_time, resp.round_trip_s)
 
 
 class MailchimpResource(HttpSettings):
@@ -379,6 +298,13 @@ class MailchimpResource(HttpSettings):
         default=20, ge=0, le=500, description="members each page shares with the next (see fetch)"
     )
     max_passes: int = Field(default=3, ge=1, description="pagings of a window that kept shrinking before the run fails")
+    clock_skew_margin_s: int = Field(
+        default=SKEW_MARGIN_S,
+        ge=0,
+        le=3600,
+        description="how far our clock may be ahead of Mailchimp's: a full sync's bound is our clock less "
+        "this (and CLOCK_MARGIN_S), proven by the pages' Date headers, else the list is paged again",
+    )
     sweep_archived: bool = Field(
         default=True, description="also fetch members archived since the last sweep (opt-outs)"
     )
@@ -396,5 +322,6 @@ class MailchimpResource(HttpSettings):
             policy=self.retry_policy(),
             overlap=self.page_overlap,
             max_passes=self.max_passes,
+            skew_margin_s=self.clock_skew_margin_s,
             logger=logger,
         )

@@ -3,16 +3,17 @@
 `MailchimpClient.fetch` pages a window in two sweeps (the members, then the archived ones),
 hands each page to a `PageWriter` and returns a `FetchResult`.
 
-Pages overlap (see `MailchimpClient._page_all`), so rows received are not members: a
+Pages overlap (see `sweep.page_window`), so rows received are not members: a
 position read twice is overlap. What the last pass read is kept as (offset, rows) spans, which
 give the distinct positions read and any gap a page left (a member no page returned).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from mc_pipeline.resources.retry import CallStats
@@ -43,11 +44,32 @@ MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["tota
 # no earlier than the second of the evaluation, which is at least the Date's second minus one when the
 # answer takes under a second; so the bound is before every such change, which falls in the next window.
 CLOCK_MARGIN_S = 2
+# How far our clock may be ahead of Mailchimp's for a full sync's bound, taken from ours (less both margins),
+# to be proven by the pages' Date headers (`MailchimpResource.clock_skew_margin_s`'s default).
+SKEW_MARGIN_S = 5
 
 
-def bound_before(clock: datetime) -> datetime:
-    """The latest upper bound a window may have, given Mailchimp's clock at an answer."""
-    return clock.replace(microsecond=0) - timedelta(seconds=CLOCK_MARGIN_S)
+class OurClock:
+    """Our clock, which a full sync's bound is taken from before any request: the machine's, plus an
+    offset only tests move, with the sandbox's clock, so that time passes for both without waiting
+    (`mc_pipeline_tests.helpers.settle`); moving the sandbox's alone is a skew between the two."""
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.offset_s)
+
+
+OUR_CLOCK = OurClock()
+
+
+def bound_before(clock: datetime, round_trip_s: float = 0.0) -> datetime:
+    """The latest upper bound a window may have, given Mailchimp's clock at an answer that took
+    `round_trip_s` on our clock: the request was evaluated no earlier than its Date less that round
+    trip, so each second of it past the first costs a second more (none for the probes' counts)."""
+    slack = max(0, math.ceil(round_trip_s) - 1)
+    return clock.replace(microsecond=0) - timedelta(seconds=CLOCK_MARGIN_S + slack)
 
 
 @dataclass
@@ -57,6 +79,12 @@ class Page:
     members: int
     total_items: int
     server_time: datetime | None = None
+    round_trip_s: float = 0.0  # on our clock, from sending the request to the end of its body
+
+    @property
+    def past_the_end(self) -> bool:
+        """Wholly beyond the window (a guessed page count's): nothing to read, write or count."""
+        return self.members == 0 and self.total_items <= self.offset and self.offset > 0
 
 
 @dataclass
@@ -70,8 +98,14 @@ class FetchStats(CallStats):
 
 @dataclass
 class OpenSweep:
-    """A sweep whose first request has answered: its fixed window, its size then (`total`), its first
-    page if that request was one (else a count), and its counters so far."""
+    """A sweep about to be paged: its window, its size as far as known (`total`), its first page if
+    one was read to fix the bound, and its counters so far.
+
+    `sized`: `total` is at least the window's size (a page's total_items); else a guess (the list's
+    history, or one page per connection) that the first answer replaces. `proven`: no change
+    committed after the first page's evaluation can be stamped `before` or earlier (the bound came
+    from Mailchimp's clock, or was given); else it came from our clock and every page's Date must
+    prove it (see `sweep.page_window`)."""
 
     list_id: str
     kind: str  # "members" or "archived": the pages' file names
@@ -83,9 +117,8 @@ class OpenSweep:
     stats: FetchStats
     started: float
     logged: float = field(default_factory=time.monotonic)  # when progress was last logged
-
-    def params(self) -> dict[str, Any]:
-        return window_params(self.since, self.before, self.status)
+    sized: bool = True
+    proven: bool = True
 
 
 def window_params(

@@ -161,8 +161,8 @@ def test_a_list_that_changes_while_it_is_paged_passes_the_check(
         return page
 
     def open_after_the_archive(self, list_id_, status, *args, **kwargs):
-        # A full sync's pages (page 0 too) start with the archived sweep, after the members' count:
-        # the archived sweep waits for that member's archive, so its window holds the new version.
+        # The archived sweep starts once a members' page answered, alongside the others (page 0
+        # among them): it waits for that member's archive, so its window holds the new version.
         if status == "archived":
             archived_one.wait(30)
         return original_open(self, list_id_, status, *args, **kwargs)

@@ -23,7 +23,7 @@ from mc_pipeline.storage import PipelineStorage, RunFolder
 from mc_pipeline.transform import record_dicts
 from mc_pipeline_tests.faults.test_crash import crash_env, kill_when, start_materialize
 from mc_pipeline_tests.faults.test_rejections import _list, _pattern
-from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, sync
+from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, settle, sync
 
 __all__ = ["crash_env"]  # the fixture, shared with the crash tests
 
@@ -66,7 +66,7 @@ def test_20000_members_10000_bumped_100_changed_pushes_100(tmp_path: Path, insta
             sb.update_member(list_id, m["id"])
         for m in changed:
             sb.update_member(list_id, m["id"], merge_fields={"FNAME": "Changed"})
-        sb.clock.advance(2)  # the changes fall before the window's end (Mailchimp's clock)
+        settle(sb)  # the changes fall before the window's end
         writes = sb.ometria_writes("client-1")
         incremental = _contacts(instance, partition)
         assert incremental["records"] == 10_000
@@ -77,7 +77,7 @@ def test_20000_members_10000_bumped_100_changed_pushes_100(tmp_path: Path, insta
         assert all(held[m["contact_id"]]["firstname"] == "Changed" for m in changed)
 
         # The weekly full refresh of the (now unchanged) list is a reconciliation: nothing to push.
-        sb.clock.advance(2)
+        settle(sb)
         sb.reset_stats()
         full = _contacts(instance, partition, full_refresh=True)
         assert full["records"] == full["unchanged_skipped"] == n
@@ -100,7 +100,7 @@ def test_only_differences_and_tombstones_are_pushed(small_env: LocalEnvironment,
     sb.update_member(list_id, opted_out["id"])  # a bump, and timestamp_unsubscribed = last_changed
     sb.delete_member(list_id, subscribed[1]["id"])
     was = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")[opted_out["contact_id"]]
-    sb.clock.advance(2)
+    settle(sb)
     full = _contacts(instance, partition, full_refresh=True)
     assert full["pushed"] == full["accepted"] == 1  # the opted-out member's new timestamp
     assert full["unchanged_skipped"] == full["records"] - 1
@@ -109,14 +109,14 @@ def test_only_differences_and_tombstones_are_pushed(small_env: LocalEnvironment,
     assert held[subscribed[1]["contact_id"]]["marketing_optin"] == "EXPLICITLY_OPTEDOUT"  # the tombstone
     assert held[opted_out["contact_id"]]["timestamp_unsubscribed"] != was["timestamp_unsubscribed"]
     back = sb.add_member(list_id, subscribed[1]["email_address"])
-    sb.clock.advance(2)
+    settle(sb)
     again = _contacts(instance, partition)
     assert again["pushed"] == 1 and again["unchanged_skipped"] == 0
     assert sb.ometria_contacts("client-1", f"mailchimp-{list_id}")[back["contact_id"]]["marketing_optin"] == (
         "EXPLICITLY_OPTEDIN"
     )
     # push_all: everything again, to repair an account on Ometria's side.
-    sb.clock.advance(2)
+    settle(sb)
     repair = _contacts(instance, partition, full_refresh=True, push_all=True)
     assert repair["push_all"] is True and repair["unchanged_skipped"] == 0
     assert repair["records"] == repair["pushed"] == repair["accepted"] == len(expected_contacts(sb, list_id))
@@ -135,7 +135,7 @@ def test_records_refused_after_the_answer_get_no_hash_and_are_pushed_again(
     first = _contacts(instance, partition)
     assert first["failed_after_answer"] == 3 and first["accepted"] == first["records"] - 3
     sb.state.config.ometria.late_reject_email_pattern = None
-    sb.clock.advance(2)
+    settle(sb)
     full = _contacts(instance, partition, full_refresh=True)
     assert full["pushed"] == full["accepted"] == 3 and full["unchanged_skipped"] == full["records"] - 3
     assert_ometria_matches(sb, partition)

@@ -194,3 +194,22 @@ def test_members_deleted_outright_are_opted_out_by_a_full_refresh(
     assert_ometria_matches(sb, partition)
     again = sync(instance, partition, full_refresh=True)  # and only once
     assert metadata(again, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 0
+
+
+def test_a_full_refresh_is_sized_by_the_lists_history(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
+    """The list's size at its last full sync (carried by the incremental ones) gives the next full sync its
+    page count: its first requests are its pages, exactly as many as the list needs, with no count before."""
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[1]
+    partition = f"client-1:{list_id}"
+    n = len(sb.mailchimp_list(list_id).members(include_archived=False))
+    assert metadata(sync(instance, partition), "mailchimp/member_pages")["list_members"] == n
+    sb.add_member(list_id, "one.more@example.org")
+    settle(sb)
+    assert metadata(sync(instance, partition), "mailchimp/member_pages")["list_members"] == n  # carried over
+    sb.reset_stats()
+    full = metadata(sync(instance, partition, full_refresh=True), "mailchimp/member_pages")
+    log = [r for r in sb.request_log("mailchimp:client-1") if r.path.endswith("/members")]
+    assert {r.query["count"] for r in log} == {"1000"}  # pages only: no count before them
+    assert len([r for r in log if "status" not in r.query]) == full["pages"] - 1 == 3  # and the archived page
+    assert full["list_members"] == full["members"] == n + 1

@@ -15,7 +15,14 @@ from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.resources import MailchimpResource, OmetriaResource
 from mc_pipeline.resources.ometria_push import JUDGE_AHEAD
 from mc_pipeline.storage import PipelineStorage, RunFolder
-from mc_pipeline_tests.helpers import expected_contacts, metadata, set_ometria_rate, step_failure_message, sync
+from mc_pipeline_tests.helpers import (
+    expected_contacts,
+    metadata,
+    set_ometria_rate,
+    settle,
+    step_failure_message,
+    sync,
+)
 
 FAST = {
     "mailchimp": MailchimpResource(backoff_base_s=0.02, backoff_cap_s=0.2, read_timeout_s=1.0, max_attempts=8),
@@ -45,7 +52,7 @@ def test_a_record_too_large_only_once_serialized_is_a_dead_letter_and_its_batch_
     sb = small_env.sandbox
     list_id, partition = _list(small_env, 0)
     big = sb.add_member(list_id, "quoted@example.org", merge_fields={"FNAME": '"' * 31_000})
-    sb.clock.advance(5)  # the change is older than the window's end
+    settle(sb)  # the change is older than the window's end
     for full_refresh in (False, True):  # and the next full run too: the list is not wedged
         contacts = metadata(sync(instance, partition, full_refresh=full_refresh, overrides=FAST), "ometria/contacts")
         dead = _dead(contacts)
@@ -65,7 +72,7 @@ def test_a_batch_refused_as_a_whole_is_isolated_and_the_others_arrive(
     list_id, partition = _list(small_env, 0)
     middle = sb.mailchimp_list(list_id).members(include_archived=False)[500]
     big = sb.update_member(list_id, middle["id"], merge_fields={"NOTES": "n" * 6000})
-    sb.clock.advance(5)
+    settle(sb)
     sb.state.config.ometria.max_record_bytes = 4096
     result = sync(instance, partition, overrides=FAST)
     contacts = metadata(result, "ometria/contacts")
