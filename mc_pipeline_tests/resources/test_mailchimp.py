@@ -108,7 +108,9 @@ def test_the_window_is_sent_and_respected(small_env: LocalEnvironment) -> None:
 def test_two_lists_of_one_account_never_exceed_ten_in_flight(small_env: LocalEnvironment) -> None:
     """Each fetch uses 10 threads; the process-wide account gate keeps the sum at 10."""
     sb = small_env.sandbox
-    sb.state.config.mailchimp.latency = Latency(base_ms=60)
+    # Long enough that 10 requests are in flight at once even when a loaded machine (40 client threads
+    # and the in-process sandbox on 2 cores) is slow to send them: at 60 ms the peak was once 8.
+    sb.state.config.mailchimp.latency = Latency(base_ms=250)
     list_a, list_b = sb.client("client-1").list_ids
     resource = MailchimpResource(page_size=100, backoff_base_s=0.01)  # many pages, all concurrent
     results: dict[str, set[str]] = {}
