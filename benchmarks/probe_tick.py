@@ -123,7 +123,8 @@ def main() -> None:
                 cadence = Cadence(every_s=args.every * 60, tick_s=max(1, args.every // 12) * 60)
                 registry_resource, mailchimp = ClientRegistryResource(path=str(registry)), MailchimpResource()
                 resources = {"registry": registry_resource, "mailchimp": mailchimp}
-                hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+                # A cycle in the past: every record is written after its tick, as the daemon evaluates them.
+                hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
                 ticks = [hour + timedelta(seconds=i * cadence.tick_s) for i in range(cadence.cycle_s // cadence.tick_s)]
                 sessions0, xacts0 = _pg_counters(db)
                 cpu0, pg0, wall0, verified, calls, longest = (
