@@ -142,10 +142,15 @@ class _Clients:
         self._clients: dict[str, MailchimpClient] = {}
 
     def of(self, client: Client) -> MailchimpClient:
+        found = self._clients.get(client.id)
+        if found is not None:
+            return found
+        made = self.mailchimp.client(client)  # outside the lock: the other threads go on meanwhile
         with self._lock:
-            if client.id not in self._clients:
-                self._clients[client.id] = self.mailchimp.client(client)
-            return self._clients[client.id]
+            found = self._clients.setdefault(client.id, made)
+        if found is not made:
+            made.close()
+        return found
 
     def close(self) -> None:
         for mc in self._clients.values():
