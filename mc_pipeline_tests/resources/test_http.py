@@ -234,7 +234,12 @@ def test_the_environment_is_read_once_per_host_not_on_every_request(
         monkeypatch.setattr(module, "get_environ_proxies", counted)
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    session = pooled_session(1, {})
-    for _ in range(5):
-        assert session.get(f"{server.url}/ok", timeout=(2, 2)).status_code == 200
+    for _ in range(3):  # a session per account and tick: the environment once for all of them
+        session = pooled_session(1, {})
+        for _ in range(3):
+            assert session.get(f"{server.url}/ok", timeout=(2, 2)).status_code == 200
     assert len(scans) == 1
+    monkeypatch.setenv("NO_PROXY", "localhost")  # changed: read anew, and this host now goes to the proxy
+    with pytest.raises(requests.ConnectionError):
+        pooled_session(1, {}).get(f"{server.url}/ok", timeout=(2, 2))
+    assert len(scans) == 2
