@@ -3,6 +3,7 @@
     python -m benchmarks.run            # everything, about 35 minutes
     python -m benchmarks.run --quick    # a smoke run of a few minutes (results under results/tmp/quick)
     python -m benchmarks.run --only 1,5 # some scenarios
+    python -m benchmarks.run --only 6 --lists-accounts 2000 --lists-every-min 30 --lists-tick-min 3  # 10,000 lists
 
 Each scenario starts its own sandbox (`mc-pipeline sandbox --config ...`) as a separate process
 and measures the pipeline in separate worker processes; see benchmarks/README.md.
@@ -11,6 +12,7 @@ and measures the pipeline in separate worker processes; see benchmarks/README.md
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -79,10 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--merge", action="store_true", help="replace only the scenarios run now in the existing results.json"
     )
+    parser.add_argument(
+        "--lists-accounts", type=int, help="scenario 6: accounts of 5 lists (default 200; 2000 for 10,000 lists)"
+    )
+    parser.add_argument(
+        "--lists-every-min", type=int, help="scenario 6: the compressed promise in minutes (default 20)"
+    )
+    parser.add_argument("--lists-tick-min", type=int, help="scenario 6: the schedule's tick in minutes (default 2)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
     out = args.out or (RESULTS / "tmp" / "quick" if args.quick else RESULTS)
-    plan = Plan.make(args.quick)
+    sizes = {
+        "lists_clients": args.lists_accounts,
+        "lists_every_min": args.lists_every_min,
+        "lists_tick_min": args.lists_tick_min,
+    }
+    plan = dataclasses.replace(Plan.make(args.quick), **{k: v for k, v in sizes.items() if v is not None})
     workdir = args.workdir / ("quick" if args.quick else "full")
     started = time.monotonic()
 

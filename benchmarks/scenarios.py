@@ -57,10 +57,13 @@ class Plan:
     memory_ometria_rps: float = 100.0  # the registry's highest push rate (an Ometria plan above 8/s)
     cpu_pages: int = 100
     cpu_repeats: int = 5
-    lists_clients: int = 200  # 1,000 small lists, one compressed hour (~8 minutes), 5% changed
+    lists_clients: int = 200  # 1,000 small lists, one compressed probe cycle (16 minutes), 5% changed
     lists_per_client: int = 5
     lists_members: int = 20
     lists_changed_every: int = 20
+    lists_every_min: int = 20  # the compressed promise: a probe cycle of 16 minutes in 8 ticks of 2
+    lists_tick_min: int = 2
+    lists_baseline_s: int = 120  # the idle daemon after the cycle: the fixed costs
     clients_counts: tuple[int, ...] = (1, 2, 5, 10)
     clients_members: int = 30_000
     clients_repeats: int = 3
@@ -85,6 +88,9 @@ class Plan:
             cpu_pages=20,
             cpu_repeats=2,
             lists_clients=20,
+            lists_every_min=5,
+            lists_tick_min=1,
+            lists_baseline_s=30,
             clients_counts=(1, 2, 4),
             clients_members=10_000,
             clients_repeats=2,

@@ -296,11 +296,26 @@ class YamlClientRegistry:
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: thousands of lists parse fast
 
 
+# The last file validated, per path: a tick of the schedule and of the sensor read the registry
+# each time (thousands of clients validate in seconds), and it rarely changes between them. The
+# text is read and compared every time, so a changed file is always validated anew.
+_validated: dict[Path, tuple[str, RegistryFile]] = {}
+
+
 def load_registry_file(path: Path) -> RegistryFile:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read the client registry ({exc.strerror})") from None
+    cached = _validated.get(path)
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    registry = _validate(path, text)
+    _validated[path] = (text, registry)
+    return registry
+
+
+def _validate(path: Path, text: str) -> RegistryFile:
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:

@@ -35,6 +35,19 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_an_unchanged_registry_is_validated_once_and_a_changed_one_again(tmp_path: Path) -> None:
+    """Each tick of the schedule and of the sensor reads the file; thousands of clients take
+    seconds to validate, so the same text is validated once, and any other text anew."""
+    path = write(tmp_path, GOOD)
+    first = YamlClientRegistry(path).clients()
+    assert [a is b for a, b in zip(first, YamlClientRegistry(path).clients(), strict=True)] == [True, True]
+    path.write_text(GOOD.replace("globex-uk", "globex-fr"))  # the same size: only the text tells
+    assert [c.id for c in YamlClientRegistry(path).clients()] == ["acme", "globex-fr"]
+    path.write_text("clients: [{id: Bad}]\n")
+    with pytest.raises(RegistryError):
+        YamlClientRegistry(path).clients()
+
+
 def test_a_good_registry_loads(tmp_path: Path) -> None:
     reg = YamlClientRegistry(write(tmp_path, GOOD))
     acme = reg.client("acme")

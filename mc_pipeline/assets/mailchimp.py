@@ -114,7 +114,7 @@ def member_pages(
         keys = registry.credentials(client, list_id)
     except ApiError as exc:
         raise failure(exc) from None
-    destination, (since, archived_since, _) = begin_sync(
+    destination, (since, archived_since, *_) = begin_sync(
         context, client, list_id, registry.registry, config.full_refresh, config.wait_for_other_runs_s
     )
     folder = storage.run_folder(partition, run_id)

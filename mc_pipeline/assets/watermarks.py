@@ -13,7 +13,9 @@ starts from the newest of the import and the verifications after it (README, "Ch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, NamedTuple
@@ -21,13 +23,18 @@ from typing import Any, NamedTuple
 from dagster import (
     AssetExecutionContext,
     AssetMaterialization,
+    AssetObservation,
     AssetRecordsFilter,
+    DagsterEvent,
     DagsterEventType,
     DagsterInstance,
+    EventLogEntry,
     EventLogRecord,
     Failure,
     MetadataValue,
 )
+from dagster._core.events import AssetObservationData, StepMaterializationData
+from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 
 from mc_pipeline.assets.keys import CONTACTS_KEY, PAGES_KEY
 from mc_pipeline.assets.models import Destination, RunFiles, Window
@@ -57,6 +64,7 @@ class Watermarks(NamedTuple):
     since: datetime | None
     archived_since: datetime | None
     why_full: str | None  # why there is none to start from, for the run's log
+    proved_at: float | None = None  # when the import or verification they come from was recorded (our clock)
 
 
 def destination_of(client: Client, list_id: str) -> Destination:
@@ -168,8 +176,11 @@ def watermarks_of(instance: DagsterInstance, partitions: Mapping[str, Destinatio
                     None, None, f"the destination changed since the last import (was {was.value if was else '?'})"
                 )
                 continue
-        md = _metadata(verified) if verified is not None else md
-        out[partition] = Watermarks(_timestamp(md, WATERMARK), _timestamp(md, ARCHIVED_WATERMARK), None)
+        latest = verified if verified is not None else imported
+        md = _metadata(latest)
+        out[partition] = Watermarks(
+            _timestamp(md, WATERMARK), _timestamp(md, ARCHIVED_WATERMARK), None, latest.timestamp
+        )
     return out
 
 
@@ -200,6 +211,8 @@ def latest_events(
 def _latest_records(
     instance: DagsterInstance, event_type: DagsterEventType, partitions: set[str] | None
 ) -> dict[str, EventLogRecord]:
+    if partitions is not None and not partitions:
+        return {}  # not a query over every partition for none
     by_partition = instance.get_latest_storage_id_by_partition(
         CONTACTS_KEY, event_type, partitions if partitions and len(partitions) <= 500 else None
     )
@@ -270,20 +283,86 @@ def latest_watermark(instance: DagsterInstance, partition: str) -> datetime | No
 def record_import(instance: DagsterInstance, partition: str, watermark: datetime, destination: Destination) -> None:
     """What a successful full import records, without the run: a synced state for benchmarks and
     tests whose subject is the hour after (10,000 initial syncs would take hours on 2 cores)."""
-    client_id, list_id = partition.split(":", 1)
-    window = Window(since=None, before=watermark, full_refresh=True, archived_before=watermark)
-    run = RunFiles(
-        partition=partition,
-        client_id=client_id,
-        list_id=list_id,
-        run_id="recorded",
-        folder="",
-        window=window,
-        destination=destination,
-    )
-    instance.report_runless_asset_event(
-        AssetMaterialization(asset_key=CONTACTS_KEY, partition=partition, metadata=watermark_metadata(run))
-    )
+    record_imports(instance, {partition: (watermark, destination)})
+
+
+def record_imports(
+    instance: DagsterInstance, imports: Mapping[str, tuple[datetime, Destination]], at: float | None = None
+) -> None:
+    """`record_import` of many partitions, written in batches (10,000 lists in seconds); `at`, when
+    they are recorded as written (default now)."""
+    events = []
+    for partition, (watermark, destination) in imports.items():
+        client_id, list_id = partition.split(":", 1)
+        window = Window(since=None, before=watermark, full_refresh=True, archived_before=watermark)
+        run = RunFiles(
+            partition=partition,
+            client_id=client_id,
+            list_id=list_id,
+            run_id="recorded",
+            folder="",
+            window=window,
+            destination=destination,
+        )
+        events.append(
+            AssetMaterialization(asset_key=CONTACTS_KEY, partition=partition, metadata=watermark_metadata(run))
+        )
+    for error in store_runless(instance, events, at=at):
+        if error is not None:
+            raise error
+
+
+def store_runless(
+    instance: DagsterInstance,
+    events: Sequence[AssetMaterialization | AssetObservation],
+    batch: int = 500,
+    at: float | None = None,
+) -> list[Exception | None]:
+    """Runless asset events written `batch` at a time; per event, None or why it was not stored.
+
+    `report_runless_asset_event` writes one event per call: on PostgreSQL two sessions and a few
+    transactions each (Dagster's storages open a connection per operation). The event log's
+    `store_event_batch`, what Dagster's own batched writer calls (DAGSTER_EVENT_BATCH_SIZE), writes
+    a batch in one insert and one index transaction. A batch that fails is retried event by event.
+    """
+    entries = [
+        EventLogEntry(
+            user_message="",
+            level=logging.INFO,
+            job_name=RUNLESS_JOB_NAME,
+            run_id=RUNLESS_RUN_ID,
+            error_info=None,
+            timestamp=at or time.time(),
+            step_key=None,
+            dagster_event=DagsterEvent(
+                event_type_value=(
+                    DagsterEventType.ASSET_MATERIALIZATION.value
+                    if isinstance(e, AssetMaterialization)
+                    else DagsterEventType.ASSET_OBSERVATION.value
+                ),
+                event_specific_data=(
+                    StepMaterializationData(e) if isinstance(e, AssetMaterialization) else AssetObservationData(e)
+                ),
+                job_name=RUNLESS_JOB_NAME,
+            ),
+        )
+        for e in events
+    ]
+    errors: list[Exception | None] = [None] * len(events)
+    for start in range(0, len(entries), batch):
+        chunk = entries[start : start + batch]
+        try:
+            # One event type per call: the PostgreSQL storage batches a single type only.
+            if len({type(e) for e in events[start : start + batch]}) > 1:
+                raise ValueError("mixed event types")
+            instance.event_log_storage.store_event_batch(chunk)
+        except Exception:
+            for i in range(start, start + len(chunk)):
+                try:
+                    instance.report_runless_asset_event(events[i])
+                except Exception as exc:
+                    errors[i] = exc
+    return errors
 
 
 def watermark_metadata(run: RunFiles) -> dict[str, Any]:

@@ -1,28 +1,32 @@
 """Change-aware incremental syncs: a run only for the lists that changed.
 
-Each list has a stable slot in the cycle (an hour by default), from a hash of its partition key;
-the schedule ticks every few minutes and takes the lists whose slot falls in the tick, so probes
-and runs are spread over the hour. For each, one request of a count and no member asks Mailchimp
-whether anything changed since the watermark (and one more for the archived sweep). Nothing: an
-observation of `ometria/contacts` records the new watermarks (on Mailchimp's clock) and no run
-starts. Something, or a probe that fails or does not answer in time: a run, which imports the
-change or fails with the error and alerts. Why moving the watermark is safe: README, "Change-aware".
+Each list has a stable slot in the cycle (automation/cadence.py); the schedule ticks every few
+minutes and takes the lists whose slot falls in the tick, so probes and runs are spread over the
+hour. For each, one request of a count and no member asks Mailchimp whether anything changed since
+the watermark (and one more for the archived sweep). Nothing: an observation of `ometria/contacts`
+records the new watermarks (on Mailchimp's clock) and no run starts. Something, or a probe that
+fails or does not answer in time: a run, which imports the change or fails with the error and
+alerts. Why moving the watermark is safe: README, "Change-aware".
 
 The probes run in the process that evaluates the schedule (the code server), concurrently across
 accounts on a thread pool, each account's requests under its connection gate (resources/limits.py).
+That gate is this process's: a run of the account in another process has its own, so a list whose
+account has a run in progress is not probed at its tick (the two together could pass the
+account's connections). It is deferred to the next tick, the one the cadence leaves for it, and
+gets a run only if its account is still busy then.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from itertools import chain, zip_longest
+from typing import TypeVar
 
 from dagster import (
     AssetObservation,
@@ -39,9 +43,11 @@ from mc_pipeline.assets.models import Destination
 from mc_pipeline.assets.watermarks import (
     Watermarks,
     destination_of,
+    store_runless,
     verification_metadata,
     watermarks_of,
 )
+from mc_pipeline.automation.cadence import Cadence, env_int
 from mc_pipeline.jobs import sync_run_config
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import Client, RegistryError, YamlClientRegistry, parse_partition_key
@@ -50,7 +56,7 @@ from mc_pipeline.resources.mailchimp import MailchimpClient
 from mc_pipeline.resources.paging import bound_before
 from mc_pipeline.tags import MAILCHIMP_ACCOUNT, PARTITION, account_tags, run_tags
 
-RECORD_THREADS = 4
+T = TypeVar("T")
 
 IN_PROGRESS = [
     DagsterRunStatus.QUEUED,
@@ -61,56 +67,6 @@ IN_PROGRESS = [
 ]
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
-
-
-@dataclass(frozen=True)
-class Cadence:
-    """How often each list is verified or synced (`every_s`), and how often the schedule ticks (`tick_s`).
-
-    `MC_PIPELINE_VERIFY_EVERY_MIN` (default 60; a divisor of 60, e.g. 5 for near-real-time) and
-    `MC_PIPELINE_PROBE_TICK_MIN` (default a twelfth of it, at least 1; a divisor of it). A cron
-    in `MC_PIPELINE_INCREMENTAL_CRON` (demos, benchmarks) replaces both: every tick takes every list.
-    """
-
-    every_s: int = 3600
-    tick_s: int = 300
-    cron_override: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.every_s <= 0 or 3600 % self.every_s or self.tick_s <= 0 or self.every_s % self.tick_s:
-            raise ValueError(
-                f"MC_PIPELINE_VERIFY_EVERY_MIN ({self.every_s // 60}) must divide 60 and "
-                f"MC_PIPELINE_PROBE_TICK_MIN ({self.tick_s // 60}) must divide it"
-            )
-
-    @classmethod
-    def from_env(cls) -> Cadence:
-        every = _env_int("MC_PIPELINE_VERIFY_EVERY_MIN", 60)
-        tick = _env_int("MC_PIPELINE_PROBE_TICK_MIN", max(1, every // 12))  # 12 slices of each cycle
-        return cls(every * 60, tick * 60, os.environ.get("MC_PIPELINE_INCREMENTAL_CRON") or None)
-
-    @property
-    def cron(self) -> str:
-        if self.cron_override:
-            return self.cron_override
-        return "0 * * * *" if self.tick_s == 3600 else f"*/{self.tick_s // 60} * * * *"
-
-    def slot(self, key: str) -> int:
-        """Seconds into the cycle: stable for a key, uniform over keys."""
-        return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % self.every_s
-
-    def slot_in_tick(self, key: str, tick: datetime) -> datetime | None:
-        """When the key's slot falls in the tick [tick, tick + tick_s), that instant (the run key's
-        period: one run per list and cycle however often it is asked for); otherwise None."""
-        if self.cron_override:
-            return tick
-        ahead = (self.slot(key) - int(tick.timestamp())) % self.every_s
-        return tick + timedelta(seconds=ahead) if ahead < self.tick_s else None
-
-
 @dataclass
 class TickReport:
     """What one tick did, for its log, the tests and the benchmark."""
@@ -119,18 +75,22 @@ class TickReport:
     verified: list[str] = field(default_factory=list)
     requested: dict[str, str] = field(default_factory=dict)  # partition -> why a run
     busy: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # its account had a run in progress: next tick
+    caught_up: int = 0  # lists deferred by the previous tick, probed (or run) in this one
     unknown: list[str] = field(default_factory=list)
     calls: int = 0
     seconds: float = 0.0
     probing_s: float = 0.0  # from the first probe sent to the last answer
     recording_s: float = 0.0  # writing the verifications
+    cpu_s: float = 0.0  # this evaluation's threads: the tick's own CPU, whatever else the process does
 
     def summary(self) -> str:
         return (
             f"{self.due} lists due: {len(self.verified)} verified unchanged, {len(self.requested)} runs requested, "
-            f"{len(self.busy)} still syncing, {len(self.unknown)} of unknown clients; "
+            f"{len(self.busy)} still syncing, {len(self.deferred)} deferred (their account syncing), "
+            f"{self.caught_up} caught up, {len(self.unknown)} of unknown clients; "
             f"{self.calls} Mailchimp calls; {self.seconds:.1f}s ({self.probing_s:.1f}s probing, "
-            f"{self.recording_s:.1f}s recording)"
+            f"{self.recording_s:.1f}s recording), {self.cpu_s:.2f}s CPU"
         )
 
 
@@ -182,10 +142,15 @@ class _Clients:
         self._clients: dict[str, MailchimpClient] = {}
 
     def of(self, client: Client) -> MailchimpClient:
+        found = self._clients.get(client.id)
+        if found is not None:
+            return found
+        made = self.mailchimp.client(client)  # outside the lock: the other threads go on meanwhile
         with self._lock:
-            if client.id not in self._clients:
-                self._clients[client.id] = self.mailchimp.client(client)
-            return self._clients[client.id]
+            found = self._clients.setdefault(client.id, made)
+        if found is not made:
+            made.close()
+        return found
 
     def close(self) -> None:
         for mc in self._clients.values():
@@ -235,10 +200,11 @@ def evaluate_tick(
     threads: int | None = None,
     budget_s: float | None = None,
 ) -> tuple[list[RunRequest] | SkipReason, TickReport]:
-    """Probe the lists due in this tick; record the verified ones; request runs for the others."""
-    started = time.monotonic()
-    threads = threads or _env_int("MC_PIPELINE_PROBE_THREADS", 32)
-    budget_s = budget_s if budget_s is not None else float(_env_int("MC_PIPELINE_PROBE_BUDGET_S", 40))
+    """Probe the lists due in this tick (and those the previous tick deferred); record the verified
+    ones; request runs for the others."""
+    started, cpu_started = time.monotonic(), time.thread_time()
+    threads = threads or env_int("MC_PIPELINE_PROBE_THREADS", 32)
+    budget_s = budget_s if budget_s is not None else float(env_int("MC_PIPELINE_PROBE_BUDGET_S", 40))
     tick = context.scheduled_execution_time or datetime.now(UTC)
     report = TickReport()
     try:
@@ -249,6 +215,7 @@ def evaluate_tick(
     requests: list[RunRequest] = []
     candidates: dict[str, tuple[Client, str, Destination]] = {}
     periods: dict[str, str] = {}
+    again: set[str] = set()  # due in the previous tick: probed now if that tick deferred them
 
     def request(client: Client, key: str, why: str) -> None:
         report.requested[key] = why
@@ -257,27 +224,42 @@ def evaluate_tick(
     for key in context.instance.get_dynamic_partitions(MAILCHIMP_LISTS):
         slot = cadence.slot_in_tick(key, tick)
         if slot is None:
-            continue
-        report.due += 1
+            slot = cadence.deferred_slot(key, tick)
+            if slot is None:
+                continue
+            again.add(key)
+        else:
+            report.due += 1
+        # The slot's own period: asked for again in the next tick, a list still gets one run.
         periods[key] = slot.strftime("%Y-%m-%dT%H:%M" if cadence.cron_override else "%Y-%m-%dT%H:%M:%S")
         client_id, list_id = parse_partition_key(key)
         client = clients.get(client_id)
         if client is None:
-            report.unknown.append(key)  # the sensor removes partitions of clients gone from the registry
+            if key not in again:
+                report.unknown.append(key)  # the sensor removes partitions of clients gone from the registry
         elif key in busy:
-            report.busy.append(key)  # its run in progress records its own watermark
-        elif account_tags(client)[MAILCHIMP_ACCOUNT] in busy_accounts:
-            request(client, key, "a run of its account is in progress: a probe would pass the account's connections")
+            if key not in again:
+                report.busy.append(key)  # its run in progress records its own watermark
         else:
             try:
                 candidates[key] = (client, list_id, destination_of(client, list_id))
             except Exception as exc:  # the run fails on the same cause, naming it, and alerts
-                request(client, key, f"its destination cannot be read: {exc}")
+                if key not in again:  # the previous tick requested that run
+                    request(client, key, f"its destination cannot be read: {exc}")
     marks = watermarks_of(context.instance, {k: dest for k, (_, _, dest) in candidates.items()})
     probes = []
     for key, (client, list_id, dest) in candidates.items():
+        if key in again:
+            if marks[key].why_full or cadence.proved_at_its_tick(marks[key].proved_at, tick):
+                continue  # the previous tick verified it, or requested its run
+            report.caught_up += 1
         if why := marks[key].why_full:
-            request(client, key, why)
+            request(client, key, why)  # queued behind its account's run if there is one
+        elif account_tags(client)[MAILCHIMP_ACCOUNT] in busy_accounts:
+            if key in again:
+                request(client, key, "a run of its account has been in progress for two ticks: queued behind it")
+            else:
+                report.deferred.append(key)  # a probe now would pass the account's connections
         else:
             probes.append(_Probe(key, client, list_id, dest, marks[key]))
 
@@ -286,7 +268,7 @@ def evaluate_tick(
     probing = time.monotonic()
     try:
         futures = {
-            pool.submit(lambda p: probe(accounts.of(p.client), p, mailchimp.sweep_archived), p): p
+            pool.submit(_timed, lambda p=p: probe(accounts.of(p.client), p, mailchimp.sweep_archived)): p
             for p in _by_account_round_robin(probes)
         }
         done, _ = wait(futures, timeout=max(0.0, budget_s - (time.monotonic() - started)))
@@ -299,18 +281,17 @@ def evaluate_tick(
             elif (error := future.exception()) is not None:
                 request(p.client, p.key, f"its probe failed: {error}")
             else:
-                outcome, calls = future.result()
+                (outcome, calls), cpu = future.result()
                 report.calls += calls
+                report.cpu_s += cpu
                 if isinstance(outcome, str):
                     request(p.client, p.key, outcome)
                 else:
                     verified.append((p, outcome, calls))
-        # A write is mostly a wait for the database's commit: a few at once (PostgreSQL, ~50 ms each).
         recording = time.monotonic()
-        with ThreadPoolExecutor(RECORD_THREADS, thread_name_prefix="mc-verified") as writers:
-            writes = [(v[0], writers.submit(_record, context.instance, *v)) for v in verified]
-        for p, write in writes:
-            if (error := write.exception()) is not None:
+        errors = store_runless(context.instance, [_observation(*v) for v in verified])
+        for (p, _, _), error in zip(verified, errors, strict=True):
+            if error is not None:
                 request(p.client, p.key, f"its verification could not be recorded: {error}")
             else:
                 report.verified.append(p.key)
@@ -319,6 +300,7 @@ def evaluate_tick(
         pool.shutdown(wait=False, cancel_futures=True)
         accounts.close()
     report.seconds = time.monotonic() - started
+    report.cpu_s += time.thread_time() - cpu_started
     context.log.info(report.summary())
     for key, why in list(report.requested.items())[:50]:
         context.log.info(f"{key}: run requested: {why}")
@@ -327,13 +309,17 @@ def evaluate_tick(
     return requests or SkipReason(f"nothing to launch: {report.summary()}"), report
 
 
-def _record(instance: DagsterInstance, p: _Probe, v: _Verified, calls: int) -> None:
-    instance.report_runless_asset_event(
-        AssetObservation(
-            asset_key=CONTACTS_KEY,
-            partition=p.key,
-            description=f"verified at {v.at.isoformat()}: nothing changed in ({_iso(p.marks.since)}, "
-            f"{v.watermark.isoformat()}], nothing to import",
-            metadata={**verification_metadata(p.destination, v.at, v.watermark, v.archived_watermark), "calls": calls},
-        )
+def _timed(work: Callable[[], T]) -> tuple[T, float]:
+    """The result and the CPU its thread spent on it."""
+    cpu = time.thread_time()
+    return work(), time.thread_time() - cpu
+
+
+def _observation(p: _Probe, v: _Verified, calls: int) -> AssetObservation:
+    return AssetObservation(
+        asset_key=CONTACTS_KEY,
+        partition=p.key,
+        description=f"verified at {v.at.isoformat()}: nothing changed in ({_iso(p.marks.since)}, "
+        f"{v.watermark.isoformat()}], nothing to import",
+        metadata={**verification_metadata(p.destination, v.at, v.watermark, v.archived_watermark), "calls": calls},
     )

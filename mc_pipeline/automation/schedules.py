@@ -1,7 +1,7 @@
 """Schedules: change-aware incremental syncs spread over the hour, a weekly full refresh, freshness checks.
 
 `hourly_incremental_sync` ticks every few minutes and takes the lists whose slot falls in the tick
-(automation/probes.py): a probe per list, a run only for those that changed. The weekly refresh
+(automation/cadence.py, probes.py): a probe per list, a run only for those that changed. The weekly refresh
 requests a run per partition. Run keys are per partition and period, so a tick evaluated twice
 launches nothing twice; a partition whose previous sync is still queued or running is skipped
 rather than stacked behind itself.
@@ -66,7 +66,8 @@ def _scheduled(context: ScheduleEvaluationContext) -> datetime:
     job=sync_job,
     execution_timezone="UTC",
     default_status=DefaultScheduleStatus.RUNNING,
-    description="Each list once an hour, at its own slot: a probe of Mailchimp; a run only if the list changed.",
+    description="Each list verified or synced within every hour: a probe of Mailchimp at its own slot (every "
+    "50 minutes, two ticks left for a deferral and the import); a run only if the list changed.",
 )
 def hourly_incremental_sync(
     context: ScheduleEvaluationContext, registry: ClientRegistryResource, mailchimp: MailchimpResource

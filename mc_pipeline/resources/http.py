@@ -6,6 +6,7 @@ The retry loop and the `Retry-After` parser are in retry.py.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -134,6 +135,27 @@ TRANSIENT = (  # what may pass on a second try; `ApiSession` raises these with i
 )
 
 
+# The variables requests' environment settings depend on for an http(s) URL.
+_ENVIRONMENT = (
+    *(name for base in ("http_proxy", "https_proxy", "all_proxy", "no_proxy") for name in (base, base.upper())),
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
+_environments: dict[tuple[object, ...], tuple[dict[str, str], str | None]] = {}
+
+
+def _environment(url: str, no_proxy: str | None) -> tuple[dict[str, str], str | None]:
+    """The proxies requests would take from the environment for this URL's scheme and host, and
+    the CA bundle, computed once per value of the variables they come from."""
+    parts = urlsplit(url)
+    key = (parts.scheme, parts.netloc, no_proxy, *(os.environ.get(name) for name in _ENVIRONMENT))
+    found = _environments.get(key)
+    if found is None:
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        found = _environments[key] = (requests.utils.get_environ_proxies(url, no_proxy=no_proxy), bundle)
+    return found
+
+
 class ApiSession(requests.Session):
     """A session for API calls with a key: redirects are never followed (requests keeps
     Authorization on same-host redirects and custom headers such as X-Ometria-Auth on any),
@@ -152,6 +174,27 @@ class ApiSession(requests.Session):
         self.refused = refused or RequestRefused
         self.allow_private_network = allow_private_network
         self.deadline_s = deadline_s
+
+    def merge_environment_settings(self, url: str, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        """What requests reads from the environment (proxies, CA bundle), looked up by the few
+        names that matter rather than by requests' scan of every variable on each request: where
+        each client's key is a variable there are thousands, and the scans were most of a probe's
+        CPU."""
+        if not self.trust_env:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        no_proxy = proxies.get("no_proxy") if proxies is not None else None
+        env_proxies, bundle = _environment(url, no_proxy)
+        if proxies is not None:
+            for k, v in env_proxies.items():
+                proxies.setdefault(k, v)
+        if verify is True or verify is None:
+            verify = bundle or verify
+        return {
+            "proxies": requests.sessions.merge_setting(proxies, self.proxies),
+            "stream": requests.sessions.merge_setting(stream, self.stream),
+            "verify": requests.sessions.merge_setting(verify, self.verify),
+            "cert": requests.sessions.merge_setting(cert, self.cert),
+        }
 
     def request(self, method: str, url: str, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs["allow_redirects"] = False

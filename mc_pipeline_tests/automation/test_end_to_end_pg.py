@@ -21,7 +21,7 @@ from dagster import (
 
 from mc_pipeline.assets.keys import CONTACTS_KEY
 from mc_pipeline.assets.watermarks import latest_watermark
-from mc_pipeline.automation.schedules import hourly_incremental_sync
+from mc_pipeline.automation.schedules import CADENCE, hourly_incremental_sync
 from mc_pipeline.automation.sensors import mailchimp_lists_sensor
 from mc_pipeline.definitions import defs
 from mc_pipeline.jobs import SYNC_JOB
@@ -77,11 +77,14 @@ def test_sensor_and_schedule_sync_three_clients_on_postgres(pg_instance: Dagster
                 changed[f"{c.client_id}:{list_id}"] = 2
         settle(sb)
         sb.reset_stats()
-        hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        # A probe cycle's ticks (10 of 5 minutes), an hour ago: each list is probed at its slot, and
+        # changed, requested (the daemon evaluates a tick after its time, so every record is later).
+        start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
         requests = []
-        for tick in range(12):  # the hour's ticks: each list is probed at its slot, and changed, requested
+        for tick in range(CADENCE.cycle_s // CADENCE.tick_s):
+            when = start + timedelta(seconds=CADENCE.tick_s * tick)
             schedule_context = build_schedule_context(
-                instance=pg_instance, scheduled_execution_time=hour + timedelta(minutes=5 * tick), resources=resources
+                instance=pg_instance, scheduled_execution_time=when, resources=resources
             )
             result = hourly_incremental_sync(schedule_context)
             requests += [] if isinstance(result, SkipReason) else list(result)

@@ -29,10 +29,10 @@ def evaluate(schedule, instance: DagsterInstance, env: LocalEnvironment, when: d
 
 
 def evaluate_hour(instance: DagsterInstance, env: LocalEnvironment, hour: datetime = WHEN) -> list:
-    """The twelve five-minute ticks of one hour: each list is due in exactly one of them."""
+    """The ten five-minute ticks of one probe cycle (50 minutes): each list is due in exactly one."""
     out = []
-    for i in range(12):
-        result = evaluate(hourly_incremental_sync, instance, env, hour + timedelta(minutes=5 * i))
+    for i in range(CADENCE.cycle_s // CADENCE.tick_s):
+        result = evaluate(hourly_incremental_sync, instance, env, hour + timedelta(seconds=CADENCE.tick_s * i))
         out += [] if isinstance(result, SkipReason) else result
     return out
 
@@ -40,13 +40,14 @@ def evaluate_hour(instance: DagsterInstance, env: LocalEnvironment, hour: dateti
 def test_the_hour_requests_one_incremental_run_per_list_never_imported(
     small_env: LocalEnvironment, instance: DagsterInstance
 ) -> None:
-    """No watermark to probe from: a run each, at the list's own slot in the hour, once."""
+    """No watermark to probe from: a run each, at the list's own slot in the cycle, once."""
     keys = small_env.partition_keys()
     instance.add_dynamic_partitions(MAILCHIMP_LISTS, keys)
     requests = evaluate_hour(instance, small_env)
     assert sorted(r.partition_key for r in requests) == sorted(keys)
     for r in requests:
-        slot = WHEN + timedelta(seconds=CADENCE.slot(r.partition_key))  # its own instant in the hour
+        ahead = (CADENCE.slot(r.partition_key) - int(WHEN.timestamp())) % CADENCE.cycle_s
+        slot = WHEN + timedelta(seconds=ahead)  # its own instant in the cycle
         assert r.run_key == f"incremental:{r.partition_key}:{slot:%Y-%m-%dT%H:%M:%S}"
         assert r.run_config["ops"]["mailchimp__member_pages"]["config"]["full_refresh"] is False
         assert r.tags[SYNC_KIND] == "incremental"

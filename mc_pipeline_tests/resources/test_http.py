@@ -213,3 +213,33 @@ def _stats():
     from mc_pipeline.resources.mailchimp import FetchStats
 
     return FetchStats()
+
+
+def test_the_environment_is_read_once_per_host_not_on_every_request(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests scans every environment variable for proxies on each request; where each
+    client's key is a variable there are thousands, and the scans were most of a probe's CPU.
+    The proxy settings still hold: NO_PROXY sends this host past the (dead) proxy."""
+    import requests
+
+    scans = []
+    real = requests.utils.get_environ_proxies
+
+    def counted(*args: object, **kwargs: object) -> object:
+        scans.append(1)
+        return real(*args, **kwargs)
+
+    for module in (requests.utils, requests.sessions):  # requests.sessions imported it by name
+        monkeypatch.setattr(module, "get_environ_proxies", counted)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for _ in range(3):  # a session per account and tick: the environment once for all of them
+        session = pooled_session(1, {})
+        for _ in range(3):
+            assert session.get(f"{server.url}/ok", timeout=(2, 2)).status_code == 200
+    assert len(scans) == 1
+    monkeypatch.setenv("NO_PROXY", "localhost")  # changed: read anew, and this host now goes to the proxy
+    with pytest.raises(requests.ConnectionError):
+        pooled_session(1, {}).get(f"{server.url}/ok", timeout=(2, 2))
+    assert len(scans) == 2
