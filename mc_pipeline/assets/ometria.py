@@ -103,7 +103,7 @@ def _convert(members: StagedMembers, folder: RunFolder, collection: str, force_o
     """Row group by row group: the records to `folder.contacts`, the dead letters aside and, on a full
     refresh, the keys of every member Mailchimp listed to `folder.listed` (the import's reconciliation
     judges deletions by them, so it needs nothing but its input)."""
-    done = _Converted(listed=[] if members.run.window.full_refresh else None)
+    done = _Converted(listed=[folder.after_bound_keys()] if members.run.window.full_refresh else None)
     source = pq.ParquetFile(members.path)
     with pq.ParquetWriter(folder.contacts, CONTACT_SCHEMA, compression="zstd") as out:
         for i in range(source.num_row_groups):
