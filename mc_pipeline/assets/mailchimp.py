@@ -35,16 +35,16 @@ from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers
 from mc_pipeline.assets.watermarks import ListHistory, begin_sync, list_history
 from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
+from mc_pipeline.reconcile import listed_keys
 from mc_pipeline.registry import Client
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.mailchimp import MailchimpClient
-from mc_pipeline.reconcile import listed_keys
 from mc_pipeline.resources.paging import AFTER_BOUND_FIELDS, FetchResult
 from mc_pipeline.staging import STAGING_SCHEMA, StagingSummary, StagingWriter, id_keys
 from mc_pipeline.storage import PipelineStorage, RunFolder, save_keys
-from mc_pipeline.transform import contact_ids
 from mc_pipeline.tags import started_tags
+from mc_pipeline.transform import contact_ids
 
 
 class SyncConfig(Config):
@@ -146,8 +146,8 @@ def member_pages(
     size = fetched.members.members if since is None else history.members  # the next full sync's page count
     metadata = pages_metadata(fetched, window, folder.pages, name, size)
     if since is None:  # on no page, yet in Mailchimp: listed for the import's judgement, not staged
-        save_keys(folder.after_bound, keys := after_bound_keys(fetched.after_bound))
-        metadata["listed_after_bound"] = len(keys)
+        save_keys(folder.after_bound, after := after_bound_keys(fetched.after_bound))
+        metadata["listed_after_bound"] = len(after)
     return Output(page_set(run, fetched), metadata=metadata)
 
 

@@ -34,6 +34,7 @@ from mc_pipeline.resources.http import TRANSIENT, HttpSettings, RequestRefused, 
 from mc_pipeline.resources.limits import account_gate, fingerprint
 from mc_pipeline.resources.paging import (
     AFTER_BOUND_FIELDS,
+    AFTER_BOUND_FIELDS_PARAM,
     AFTER_BOUND_PAGE,
     MEMBERS_FIELDS_PARAM,
     OUR_CLOCK,
@@ -259,14 +260,14 @@ class MailchimpClient:
         only: a full sync's pages stop at the bound, and a member that changed during the fetch (or in
         the margin) is on none of them, yet exists. Pages overlap: a member changing again while they
         are read moves to the end and the later ones move up (by one, each); the end is read last."""
-        fields = ",".join([*(f"members.{f}" for f in AFTER_BOUND_FIELDS), "total_items"])
-        window = {**window_params(swept.before, None, swept.status), "fields": fields, "count": AFTER_BOUND_PAGE}
+        window = {**window_params(swept.before, None, swept.status), "fields": AFTER_BOUND_FIELDS_PARAM}
+        window["count"] = AFTER_BOUND_PAGE
         stride = AFTER_BOUND_PAGE - min(self.overlap, AFTER_BOUND_PAGE // 2)
         out: list[dict[str, Any]] = []
         offset = 0
         while True:
             params = {**window, "offset": offset}
-            rows, total = self._retried(lambda: self._read_ids(list_id, params, swept.stats), swept.stats, list_id)
+            rows, total = self._retried(partial(self._read_ids, list_id, params, swept.stats), swept.stats, list_id)
             out += rows
             offset += stride
             if offset >= total or not rows:

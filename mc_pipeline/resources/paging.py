@@ -41,6 +41,7 @@ MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["tota
 # A full sync's listing of the members that changed after its bound: what their Ometria id is made of
 # (`transform.contact_ids`), nothing else.
 AFTER_BOUND_FIELDS = ("contact_id", "unique_email_id")
+AFTER_BOUND_FIELDS_PARAM = ",".join([*(f"members.{f}" for f in AFTER_BOUND_FIELDS), "total_items"])
 AFTER_BOUND_PAGE = 1000
 
 # A window's upper bound is Mailchimp's clock at an answer (the Date header, whole seconds) minus this, for
