@@ -78,6 +78,16 @@ class RunFolder:
         """On a full refresh: the sorted 64-bit keys of every member Mailchimp listed (`save_keys`)."""
         return self.root / "listed.npy"
 
+    @property
+    def after_bound(self) -> Path:
+        """On a full refresh: the sorted keys of the members listed as changed after the fetch's bound
+        (`member_pages`): on no page, yet in Mailchimp, so listed (never judged deleted), not staged."""
+        return self.root / "listed_after_bound.npy"
+
+    def after_bound_keys(self) -> np.ndarray:
+        """Those keys; none in a run folder from before they were written."""
+        return load_keys(self.after_bound) if self.after_bound.exists() else np.zeros(0, dtype=np.uint64)
+
 
 def save_keys(path: Path, keys: np.ndarray) -> None:
     """64-bit keys as a .npy file, whole or not at all: 8 bytes a member."""

@@ -8,6 +8,7 @@ from typing import Any
 
 __all__ = [
     "DAGSTER_CLI",
+    "after_bound_listing",
     "assert_ometria_matches",
     "dagster_materialize_command",
     "expected_contacts",
@@ -16,6 +17,7 @@ __all__ = [
     "settle",
     "step_failure_message",
     "sync",
+    "window_pages",
 ]
 
 import yaml
@@ -28,8 +30,9 @@ from mc_pipeline.jobs import sync_run_config
 from mc_pipeline.local import LocalEnvironment, expected_contacts, ometria_differences
 from mc_pipeline.partitions import MAILCHIMP_LISTS
 from mc_pipeline.registry import parse_partition_key
-from mc_pipeline.resources.paging import CLOCK_MARGIN_S, OUR_CLOCK, SKEW_MARGIN_S
+from mc_pipeline.resources.paging import AFTER_BOUND_FIELDS_PARAM, CLOCK_MARGIN_S, OUR_CLOCK, SKEW_MARGIN_S
 from mc_pipeline.sandbox import Sandbox
+from mc_pipeline.sandbox.stats import RequestRecord
 
 
 def sync(
@@ -65,6 +68,16 @@ def settle(sb: Sandbox) -> None:
     step = CLOCK_MARGIN_S + SKEW_MARGIN_S
     sb.clock.advance(step)
     OUR_CLOCK.offset_s += step
+
+
+def after_bound_listing(r: RequestRecord) -> bool:
+    """A full sync's ids-only listing of the members changed after its bound (after its pages), not a page."""
+    return "since_last_changed" in r.query and r.query.get("fields") == AFTER_BOUND_FIELDS_PARAM
+
+
+def window_pages(log: list[RequestRecord]) -> list[RequestRecord]:
+    """The requests of a log that page a window: all but the after-bound listings."""
+    return [r for r in log if not after_bound_listing(r)]
 
 
 def failed_at_once(env: LocalEnvironment, label: str = "mailchimp:client-1") -> bool:

@@ -6,7 +6,10 @@ import gzip
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from dagster import (
     AssetExecutionContext,
     AssetIn,
@@ -32,14 +35,16 @@ from mc_pipeline.assets.models import PageSet, RunFiles, StagedMembers
 from mc_pipeline.assets.watermarks import ListHistory, begin_sync, list_history
 from mc_pipeline.dead_letters import write_run_file
 from mc_pipeline.partitions import mailchimp_lists
+from mc_pipeline.reconcile import listed_keys
 from mc_pipeline.registry import Client
 from mc_pipeline.resources import ClientRegistryResource, MailchimpResource
 from mc_pipeline.resources.errors import ApiError
 from mc_pipeline.resources.mailchimp import MailchimpClient
-from mc_pipeline.resources.paging import FetchResult
-from mc_pipeline.staging import STAGING_SCHEMA, StagingSummary, StagingWriter
-from mc_pipeline.storage import PipelineStorage, RunFolder
+from mc_pipeline.resources.paging import AFTER_BOUND_FIELDS, FetchResult
+from mc_pipeline.staging import STAGING_SCHEMA, StagingSummary, StagingWriter, id_keys
+from mc_pipeline.storage import PipelineStorage, RunFolder, save_keys
 from mc_pipeline.tags import started_tags
+from mc_pipeline.transform import contact_ids
 
 
 class SyncConfig(Config):
@@ -139,7 +144,17 @@ def member_pages(
     )
     context.log.info(fetch_summary(partition, fetched, window))
     size = fetched.members.members if since is None else history.members  # the next full sync's page count
-    return Output(page_set(run, fetched), metadata=pages_metadata(fetched, window, folder.pages, name, size))
+    metadata = pages_metadata(fetched, window, folder.pages, name, size)
+    if since is None:  # on no page, yet in Mailchimp: listed for the import's judgement, not staged
+        save_keys(folder.after_bound, after := after_bound_keys(fetched.after_bound))
+        metadata["listed_after_bound"] = len(after)
+    return Output(page_set(run, fetched), metadata=metadata)
+
+
+def after_bound_keys(rows: list[dict[str, Any]]) -> np.ndarray:
+    """The keys (as the import's `listed`) of the members a full sync listed as changed after its bound."""
+    ids = pa.Table.from_pylist(rows, schema=pa.schema([(f, pa.string()) for f in AFTER_BOUND_FIELDS]))
+    return listed_keys([id_keys(contact_ids(ids).drop_null())])
 
 
 @asset(

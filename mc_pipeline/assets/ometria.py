@@ -70,9 +70,7 @@ def to_ometria_records(
     metadata = parquet_metadata(
         folder.contacts, CONTACT_SCHEMA, records, ["id", "email", "marketing_optin", "country_id", "timestamp_acquired"]
     )
-    metadata.update(
-        {"collection": collection, "dead_letters": dead_rows, "seconds": round(time.monotonic() - started, 3)}
-    )
+    metadata.update(collection=collection, dead_letters=dead_rows, seconds=round(time.monotonic() - started, 3))
     return Output(
         ContactsFile(
             run=run,
@@ -100,10 +98,9 @@ class _Converted:
 
 
 def _convert(members: StagedMembers, folder: RunFolder, collection: str, force_optin: bool) -> _Converted:
-    """Row group by row group: the records to `folder.contacts`, the dead letters aside and, on a full
-    refresh, the keys of every member Mailchimp listed to `folder.listed` (the import's reconciliation
-    judges deletions by them, so it needs nothing but its input)."""
-    done = _Converted(listed=[] if members.run.window.full_refresh else None)
+    """Row group by row group: the records to `folder.contacts`, the dead letters aside and, on a full refresh,
+    the keys of every member listed (paged or after the bound) to `folder.listed`: the import judges by them."""
+    done = _Converted(listed=[folder.after_bound_keys()] if members.run.window.full_refresh else None)
     source = pq.ParquetFile(members.path)
     with pq.ParquetWriter(folder.contacts, CONTACT_SCHEMA, compression="zstd") as out:
         for i in range(source.num_row_groups):

@@ -33,6 +33,9 @@ from mc_pipeline.resources.errors import (
 from mc_pipeline.resources.http import TRANSIENT, HttpSettings, RequestRefused, json_object, pooled_session, server_time
 from mc_pipeline.resources.limits import account_gate, fingerprint
 from mc_pipeline.resources.paging import (
+    AFTER_BOUND_FIELDS,
+    AFTER_BOUND_FIELDS_PARAM,
+    AFTER_BOUND_PAGE,
     MEMBERS_FIELDS_PARAM,
     OUR_CLOCK,
     SKEW_MARGIN_S,
@@ -228,18 +231,55 @@ class MailchimpClient:
         The archived sweep (its own bound, from its first page) starts once a page of the members
         has answered, so a revoked key or a deleted list fails before it; it then runs alongside
         the members' pages; both share the account's connections (one gate per account).
+
+        A full sync then lists, ids only, each sweep's members that changed after its bound
+        (`_after_bound`): they exist, so the import must not judge them deleted.
         """
+        full = since is None
         members = self._open(list_id, None, since, before, before_fallback, pages, size_hint)
         with ThreadPoolExecutor(1, thread_name_prefix=f"mc-archived-{list_id}") as pool:
             archived: list[Future[SweepResult]] = []
 
+            def sweep(opened: OpenSweep, on_first: Callable[[], None]) -> SweepResult:
+                result = page_window(self, opened, pages, on_first)
+                if full:
+                    result.after_bound = self._after_bound(list_id, result)
+                    result.stats.seconds = time.monotonic() - opened.started
+                return result
+
             def start_archived() -> None:
                 if sweep_archived:
                     opening = partial(self._open, list_id, "archived", archived_since, before, before_fallback, pages)
-                    archived.append(pool.submit(lambda: page_window(self, opening(), pages, lambda: None)))
+                    archived.append(pool.submit(lambda: sweep(opening(), lambda: None)))
 
-            result = page_window(self, members, pages, start_archived)
+            result = sweep(members, start_archived)
             return FetchResult(result, archived[0].result() if archived else None)
+
+    def _after_bound(self, list_id: str, swept: SweepResult) -> list[dict[str, Any]]:
+        """The sweep's members (its status) whose last_changed is after its bound, `AFTER_BOUND_FIELDS`
+        only: a full sync's pages stop at the bound, and a member that changed during the fetch (or in
+        the margin) is on none of them, yet exists. Pages overlap: a member changing again while they
+        are read moves to the end and the later ones move up (by one, each); the end is read last."""
+        window = {**window_params(swept.before, None, swept.status), "fields": AFTER_BOUND_FIELDS_PARAM}
+        window["count"] = AFTER_BOUND_PAGE
+        stride = AFTER_BOUND_PAGE - min(self.overlap, AFTER_BOUND_PAGE // 2)
+        out: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            params = {**window, "offset": offset}
+            rows, total = self._retried(partial(self._read_ids, list_id, params, swept.stats), swept.stats, list_id)
+            out += rows
+            offset += stride
+            if offset >= total or not rows:
+                return out
+
+    def _read_ids(self, list_id: str, params: dict[str, Any], stats: FetchStats) -> tuple[list[dict[str, Any]], int]:
+        data = self._get_once(f"/lists/{list_id}/members", params, list_id=list_id, stats=stats).data
+        members = data.get("members") if isinstance(data, dict) else None
+        total = data.get("total_items") if isinstance(data, dict) else None
+        if not (isinstance(members, list) and isinstance(total, int)):
+            raise Retryable(f"the ids at offset {params['offset']} have no 'members' list or 'total_items'")
+        return [{f: m.get(f) for f in AFTER_BOUND_FIELDS} for m in members if isinstance(m, dict)], total
 
     def _open(
         self,

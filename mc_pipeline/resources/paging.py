@@ -38,6 +38,11 @@ MEMBER_FIELDS: tuple[str, ...] = (
     "tags",
 )
 MEMBERS_FIELDS_PARAM = ",".join([f"members.{f}" for f in MEMBER_FIELDS] + ["total_items"])
+# A full sync's listing of the members that changed after its bound: what their Ometria id is made of
+# (`transform.contact_ids`), nothing else.
+AFTER_BOUND_FIELDS = ("contact_id", "unique_email_id")
+AFTER_BOUND_FIELDS_PARAM = ",".join([*(f"members.{f}" for f in AFTER_BOUND_FIELDS), "total_items"])
+AFTER_BOUND_PAGE = 1000
 
 # A window's upper bound is Mailchimp's clock at an answer (the Date header, whole seconds) minus this, for
 # the schedule's probes and the syncs alike: a change committed after the request was evaluated is stamped
@@ -165,6 +170,9 @@ class SweepResult:
     overlap: int
     stats: FetchStats
     members: int = 0  # distinct window positions the last pass read: on a static list, its distinct members
+    # On a full sync: the members that changed after `before` (not on the pages, yet they exist), their
+    # `AFTER_BOUND_FIELDS` only, so that the import never judges them deleted.
+    after_bound: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def shrank_by(self) -> int:
@@ -199,6 +207,11 @@ class FetchResult:
     @property
     def seconds(self) -> float:
         return sum(s.stats.seconds for s in self.sweeps)
+
+    @property
+    def after_bound(self) -> list[dict[str, Any]]:
+        """Every sweep's members that changed after its bound (a full sync's; see `SweepResult`)."""
+        return [m for s in self.sweeps for m in s.after_bound]
 
     @property
     def overlap_rows(self) -> int:

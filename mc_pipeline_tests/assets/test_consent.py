@@ -14,7 +14,7 @@ from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.registry import write_registry
 from mc_pipeline.sandbox import Sandbox
 from mc_pipeline_tests.conftest import make_env
-from mc_pipeline_tests.helpers import sync
+from mc_pipeline_tests.helpers import settle, sync
 
 IN, OUT = "EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT"
 
@@ -53,6 +53,7 @@ def test_an_ometria_unsubscribe_survives_a_full_refresh_unless_the_client_forces
 
     sb.ometria_unsubscribe("client-1", collection, person["contact_id"])  # their Ometria unsubscribe link
     sb.set_status(list_id, leaver["id"], "unsubscribed")  # an opt-out made in Mailchimp
+    settle(sb)  # inside the full refresh's window
     assert sync(instance, partition, full_refresh=True).success
     held = sb.ometria_contacts("client-1", collection)
     assert held[person["contact_id"]]["marketing_optin"] == OUT  # the person's choice in Ometria holds
@@ -78,6 +79,7 @@ def test_a_mailchimp_opt_out_beats_an_opt_in_forced_by_an_earlier_run(
     set_force_optin(env, False)
     sb.set_status(list_id, leaver["id"], "unsubscribed")
     sb.delete_member(list_id, deleted["id"])
+    settle(sb)  # the opt-out inside the full refresh's window
     assert sync(instance, partition, full_refresh=True).success
     held = sb.ometria_contacts("client-1", collection)
     assert held[leaver["contact_id"]]["marketing_optin"] == OUT

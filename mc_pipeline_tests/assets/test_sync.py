@@ -9,7 +9,15 @@ from dagster import DagsterInstance
 
 from mc_pipeline.assets.watermarks import latest_watermark
 from mc_pipeline.local import LocalEnvironment
-from mc_pipeline_tests.helpers import assert_ometria_matches, expected_contacts, metadata, settle, sync
+from mc_pipeline.resources.paging import OUR_CLOCK
+from mc_pipeline_tests.helpers import (
+    assert_ometria_matches,
+    expected_contacts,
+    metadata,
+    settle,
+    sync,
+    window_pages,
+)
 
 
 def test_full_then_incremental_then_unchanged(small_env: LocalEnvironment, instance: DagsterInstance) -> None:
@@ -210,6 +218,46 @@ def test_a_full_refresh_is_sized_by_the_lists_history(small_env: LocalEnvironmen
     sb.reset_stats()
     full = metadata(sync(instance, partition, full_refresh=True), "mailchimp/member_pages")
     log = [r for r in sb.request_log("mailchimp:client-1") if r.path.endswith("/members")]
-    assert {r.query["count"] for r in log} == {"1000"}  # pages only: no count before them
-    assert len([r for r in log if "status" not in r.query]) == full["pages"] - 1 == 3  # and the archived page
+    pages = window_pages(log)
+    assert {r.query["count"] for r in pages} == {"1000"}  # pages only: no count before them
+    assert len([r for r in pages if "status" not in r.query]) == full["pages"] - 1 == 3  # and the archived page
+    assert len(log) - len(pages) == 2  # and each sweep's ids-only listing of the members changed after its bound
     assert full["list_members"] == full["members"] == n + 1
+
+
+LATER_S = 60
+
+
+def test_a_member_changed_after_the_full_refreshs_bound_is_not_judged_deleted(
+    small_env: LocalEnvironment, instance: DagsterInstance
+) -> None:
+    """A full refresh lists up to its bound B; a member (or an archived one) that changed after B (while the
+    list was paged, or in the margin) is not on its pages, yet exists: it must not be opted out as deleted."""
+    sb = small_env.sandbox
+    list_id = sb.client("client-1").list_ids[0]
+    partition = f"client-1:{list_id}"
+    sync(instance, partition)
+    settle(sb)
+    everyone = sb.mailchimp_list(list_id).members()
+    live = [m for m in everyone if m["status"] == "subscribed"]
+    archived = next(m for m in everyone if m["status"] == "archived")
+    doomed, changed = live[0], live[1]
+    sb.delete_member(list_id, doomed["id"])
+    # Changes Mailchimp commits while the full refresh pages the list: stamped after both its sweeps' bounds.
+    sb.clock.advance(LATER_S)
+    sb.update_member(list_id, changed["id"], merge_fields={"FNAME": "Later"})
+    sb.update_member(list_id, archived["id"], merge_fields={"FNAME": "Later"})
+    sb.clock.advance(-LATER_S)
+    full = sync(instance, partition, full_refresh=True)
+    assert metadata(full, "ometria/contacts")["deleted_in_mailchimp_opted_out"] == 1  # the deleted one only
+    assert metadata(full, "mailchimp/member_pages")["listed_after_bound"] == 2
+    held = sb.ometria_contacts("client-1", f"mailchimp-{list_id}")
+    assert held[doomed["contact_id"]]["marketing_optin"] == "EXPLICITLY_OPTEDOUT"
+    assert held[changed["contact_id"]]["marketing_optin"] != "EXPLICITLY_OPTEDOUT"
+    assert not held[changed["contact_id"]]["properties"].get("mailchimp_deleted")
+    assert not held[archived["contact_id"]]["properties"].get("mailchimp_deleted")
+    sb.clock.advance(LATER_S)
+    OUR_CLOCK.offset_s += LATER_S
+    settle(sb)
+    later = metadata(sync(instance, partition), "mailchimp/member_pages")  # the next window carries their change
+    assert later["members"] == later["archived_members"] == 1

@@ -12,6 +12,7 @@ from mc_pipeline.local import LocalEnvironment
 from mc_pipeline.resources.mailchimp import MailchimpResource
 from mc_pipeline.resources.paging import CLOCK_MARGIN_S, SKEW_MARGIN_S, bound_before
 from mc_pipeline.sandbox import Latency
+from mc_pipeline_tests.helpers import window_pages
 from mc_pipeline_tests.resources.test_mailchimp import Pages, client_of
 
 SMALL = MailchimpResource(page_size=100, backoff_base_s=0.01)  # 2,480 members: 32 pages, more than one wave
@@ -42,9 +43,13 @@ def test_a_full_sync_makes_no_request_before_its_pages(small_env: LocalEnvironme
     expected = listed(small_env, list_id)
     fetched, pages = full_sync(small_env, list_id, **({"size_hint": len(expected)} if hint else {}))
     assert set(pages.ids()) == expected and fetched.passes == 1
-    log = sb.request_log("mailchimp:client-1")
+    everything = sb.request_log("mailchimp:client-1")
+    log = window_pages(everything)
     assert {r.query["count"] for r in log} == {"100"}  # pages only
     assert len({r.query["before_last_changed"] for r in log}) == 1
+    # Then, once every page answered, the ids-only listing of the members changed after the bound (none).
+    after = [r for r in everything if r not in log]
+    assert len(after) == 1 and after[0].started >= max(r.ended for r in log)
     # Pages out before any answer (none waited for another: 10 unless the machine is very busy), 10 at most.
     assert started_before_the_first_answer(log) > 1 and sb.stats("mailchimp:client-1")["peak_in_flight"] == 10
     assert len(log) == fetched.stats.pages == 1 + len(range(80, len(expected), 80))
@@ -60,7 +65,9 @@ def test_a_wrong_hint_costs_no_member(small_env: LocalEnvironment) -> None:
     sb.reset_stats()
     shrunk, pages = full_sync(small_env, list_id, MailchimpResource(backoff_base_s=0.01), size_hint=50_000)
     assert set(pages.ids()) == expected and shrunk.stats.pages == 3
-    assert len(sb.request_log("mailchimp:client-1")) <= 10  # those past the end neither written nor counted
+    log = sb.request_log("mailchimp:client-1")
+    assert len(window_pages(log)) <= 10  # those past the end neither written nor counted
+    assert len(log) - len(window_pages(log)) == 1  # then the ids-only listing after the bound
 
 
 def test_mailchimps_clock_ahead_of_ours_proves_our_bound(small_env: LocalEnvironment) -> None:
@@ -106,7 +113,7 @@ def test_our_clock_ahead_of_mailchimps_is_not_proven_and_the_list_is_paged_again
         if datetime.fromisoformat(m["last_changed"]) <= fetched.before
     }
     assert stayed == listed(small_env, list_id) - {added["id"]} and stayed <= set(pages.ids())
-    log = sb.request_log("mailchimp:client-1")
+    log = window_pages(sb.request_log("mailchimp:client-1"))  # not the ids-only listing after the bound
     bounds = [r.query["before_last_changed"] for r in log]
     first = bounds[0]
     assert datetime.fromisoformat(first) >= ours and first != fetched.before.isoformat()
